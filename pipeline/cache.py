@@ -1,0 +1,128 @@
+"""The on-disk stage cache: `<cache_dir>/<stage>/<key>/`, its commit record and its lock.
+
+A stage's folder holds its outputs and, written last by atomic rename,
+`record.json`. Only a folder with a record is done: a folder without one is a
+partial build, to be resumed (stages that support it) or rebuilt. Each
+`<stage>/latest` names the last key built, so `kdpipe status` can say why the
+current key differs from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline import console
+from pipeline.errors import LockBusy
+
+RECORD = "record.json"
+LATEST = "latest"
+
+
+class StageCache:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def record(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The commit record of a finished build, or None if there is none."""
+        try:
+            return json.loads((self.entry_dir(stage, key) / RECORD).read_text())
+        except FileNotFoundError:
+            return None
+
+    def latest_record(self, stage: str) -> dict[str, Any] | None:
+        try:
+            key = (self.root / stage / LATEST).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return self.record(stage, key)
+
+    def commit(self, stage: str, key: str, record: dict[str, Any]) -> None:
+        """Write the record last and atomically: its presence is what 'done' means."""
+        folder = self.entry_dir(stage, key)
+        tmp = folder / f".{RECORD}.tmp"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, folder / RECORD)
+        latest_tmp = self.root / stage / f".{LATEST}.{os.getpid()}.tmp"
+        latest_tmp.write_text(key + "\n")
+        os.replace(latest_tmp, self.root / stage / LATEST)
+
+    def uncommit(self, stage: str, key: str) -> None:
+        """Drop the record first, so a rebuild killed half-way is never taken as done."""
+        (self.entry_dir(stage, key) / RECORD).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, wait: bool = True) -> Iterator[None]:
+        """Exclusive per-entry lock (flock): a second builder waits, or fails naming the holder."""
+        path = self.root / stage / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = path.read_text().strip() or "another process"
+                if not wait:
+                    raise LockBusy(f"{stage} ({key}) is being built by {holder}; rerun without --no-wait to wait")
+                console.info(f"{stage}: waiting for {holder} to finish building {key}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def entries(self, stages: list[str]) -> list[CacheEntry]:
+        found = []
+        for stage in stages:
+            folder = self.root / stage
+            if not folder.is_dir():
+                continue
+            for entry in sorted(p for p in folder.iterdir() if p.is_dir()):
+                found.append(CacheEntry(stage, entry.name, entry, (entry / RECORD).is_file()))
+        return found
+
+    def remove(self, entry: CacheEntry) -> None:
+        shutil.rmtree(entry.path)
+        (entry.path.parent / f"{entry.key}.lock").unlink(missing_ok=True)
+        latest = entry.path.parent / LATEST
+        if latest.is_file() and latest.read_text().strip() == entry.key:
+            latest.unlink()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    stage: str
+    key: str
+    path: Path
+    complete: bool
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions recorded (not keyed on: an upgrade should not invalidate every output)."""
+    versions = {"python": platform.python_version()}
+    for package in ("kdpipe", "torch", "torchaudio", "zarr", "numpy", "dask"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions

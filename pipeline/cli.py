@@ -1,0 +1,245 @@
+"""The `kdpipe` command line. Verbs match the library's functions; stages are brought up to date on demand.
+
+Exit codes: 0 ok, 1 a run failed, 2 a usage or config error. User errors
+print one message a user can act on, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from pipeline import config as config_module
+from pipeline import console
+from pipeline.config import Config, load_config
+from pipeline.errors import KdpipeError
+from pipeline.runner import Pipeline
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="kdpipe",
+    help="Offline knowledge distillation for audio tagging: transformer teachers -> efficient CNN students.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+config_app = typer.Typer(help="Inspect the resolved config.", no_args_is_help=True)
+cache_app = typer.Typer(help="List and clean the stage cache.", no_args_is_help=True)
+manifest_app = typer.Typer(help="Build manifests from other descriptions of data.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(cache_app, name="cache")
+app.add_typer(manifest_app, name="manifest")
+
+DEFAULT_CONFIG = Path("kdpipe.yaml")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Run config (YAML). Default: ./kdpipe.yaml if present, else built-in defaults.",
+                 rich_help_panel="Config"),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config value, e.g. --set student.width=2.0 "
+                 "(repeatable).", rich_help_panel="Config"),
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Recompute the named stage even when it is cached.")]
+NoWaitOption = Annotated[
+    bool, typer.Option("--no-wait", help="If another process is building the same output, exit instead of waiting.")
+]
+
+
+def user_errors(function: F) -> F:
+    """Turn KdpipeError into a one-line message and its exit code."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except KdpipeError as exc:
+            console.err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_config(path: Path | None, overrides: list[str] | None, flags: dict[str, Any] | None = None,
+                   *, check_files: bool = True) -> Config:
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path, overrides or [], flags, check_files=check_files)
+
+
+def make_pipeline(config: Config) -> Pipeline:
+    from stages import PIPELINE
+
+    return Pipeline(PIPELINE, config)
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say more.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")] = False,
+) -> None:
+    console.set_verbosity(0 if quiet else 2 if verbose else 1)
+
+
+# ----------------------------------------------------------------- stages
+@app.command()
+@user_errors
+def prepare(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+            no_wait: NoWaitOption = False) -> None:
+    """Decode every clip of the manifests into the int16 waveform store (Zarr)."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    out = pipeline.ensure("prepare", force=force, wait=not no_wait)
+    console.out.print(str(out / "waveforms.zarr"))
+
+
+@app.command()
+@user_errors
+def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+        no_wait: NoWaitOption = False) -> None:
+    """Bring every stage up to date, in order; cached stages cost nothing."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    for name in pipeline.stages:
+        pipeline.ensure(name, force=force, wait=not no_wait)
+
+
+@app.command()
+@user_errors
+def status(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """One row per stage: fresh, stale (and what changed) or missing."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    table = Table("stage", "state", "key", "why")
+    colours = {"fresh": "green", "stale": "yellow", "missing": "red"}
+    for name in pipeline.stages:
+        state = pipeline.status(name)
+        why = "; ".join(state.reasons) or ("up to date" if state.state == "fresh" else "never built")
+        table.add_row(name, f"[{colours[state.state]}]{state.state}[/]", state.key, why)
+    console.out.print(table)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data and cache.")] = Path("kdpipe-demo"),
+    set_: SetOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Generate the embedded demo data and run every stage on it with configs/demo.yaml."""
+    from pipeline.demo_data import write_demo_dataset
+
+    started = time.time()
+    demo_config = resources.files("pipeline.configs").joinpath("demo.yaml")
+    with resources.as_file(demo_config) as path:
+        overrides = [f"cache_dir={out / 'cache'}", f"data.sources.0.path={out / 'data' / 'manifest.csv'}",
+                     f"data.class_list={out / 'data' / 'class_labels_indices.csv'}", *(set_ or [])]
+        config = load_config(path, overrides, check_files=False)
+    data_dir = config.data.sources[0].path.parent
+    if not config.data.sources[0].path.is_file():
+        dataset = write_demo_dataset(data_dir, clip_seconds=config.data.clip_seconds, seed=config.seed)
+        console.info(f"demo: wrote {dataset.n_clips} synthetic clips to {data_dir}")
+    config_module.check_input_files(config)
+    pipeline = make_pipeline(config)
+    for name in pipeline.stages:
+        pipeline.ensure(name, force=force)
+    console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
+
+
+# ----------------------------------------------------------------- config
+@config_app.command("show")
+@user_errors
+def config_show(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    stage: Annotated[str | None, typer.Option(help="Only the keys this stage depends on.")] = None,
+) -> None:
+    """Print the resolved config (defaults < file < --set) as YAML."""
+    resolved = resolve_config(config, set_, check_files=False)
+    plain = config_module.to_plain(resolved)
+    if stage is not None:
+        chosen = make_pipeline(resolved).stage(stage)
+        plain = {name: config_module.select(plain, name) for name in chosen.params}
+    console.out.print(config_module.dump_yaml(plain), end="", markup=False)
+
+
+# ------------------------------------------------------------------ cache
+@cache_app.command("ls")
+@user_errors
+def cache_ls(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Every cache entry: stage, key, complete or partial, size, used by the current config."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    referenced = pipeline.referenced_keys()
+    table = Table("stage", "key", "state", "size", "built", "current")
+    for entry in pipeline.cache.entries(list(pipeline.stages)):
+        record = pipeline.cache.record(entry.stage, entry.key)
+        built = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["finished"])) if record else "-"
+        table.add_row(entry.stage, entry.key, "complete" if entry.complete else "partial",
+                      _human_bytes(entry.size_bytes()), built, "yes" if referenced[entry.stage] == entry.key else "")
+    console.out.print(table)
+
+
+@cache_app.command("gc")
+@user_errors
+def cache_gc(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
+) -> None:
+    """Remove cache entries that the current config no longer references."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    referenced = pipeline.referenced_keys()
+    stale = [e for e in pipeline.cache.entries(list(pipeline.stages)) if referenced[e.stage] != e.key]
+    freed = 0
+    for entry in stale:
+        size = entry.size_bytes()
+        freed += size
+        console.out.print(f"{'would remove' if dry_run else 'removed'} {entry.stage}/{entry.key} ({_human_bytes(size)})")
+        if not dry_run:
+            pipeline.cache.remove(entry)
+    console.info(f"{len(stale)} entr{'y' if len(stale) == 1 else 'ies'}, {_human_bytes(freed)}"
+                 f"{' would be' if dry_run else ''} freed")
+
+
+# --------------------------------------------------------------- manifests
+@manifest_app.command("from-audioset")
+@user_errors
+def manifest_from_audioset(
+    segments: Annotated[Path, typer.Argument(help="Official segment CSV, e.g. eval_segments.csv.", exists=True,
+                                             dir_okay=False)],
+    audio_dir: Annotated[Path, typer.Argument(help="Folder with the downloaded clips.", exists=True, file_okay=False)],
+    split: Annotated[str, typer.Option(help="Split name for these clips.")] = "train",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+) -> None:
+    """Write our CSV manifest for the clips of an AudioSet segment list found in AUDIO_DIR."""
+    from pipeline.manifests import read_audioset_segments, write_csv_manifest
+
+    clips = read_audioset_segments(segments, audio_dir, split)
+    present = [clip for clip in clips if clip.audio.is_file()]
+    write_csv_manifest(present, output)
+    console.info(f"{len(present)} of {len(clips)} segments have audio in {audio_dir}; "
+                 f"{len(clips) - len(present)} missing")
+    console.out.print(str(output))
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main", "shutil"]

@@ -1,0 +1,269 @@
+"""The run config: one typed, validated description of a whole run.
+
+Precedence: schema defaults < YAML file < `--set a.b.c=value` < first-class
+CLI flags. Every value is validated and coerced by the schema at load, so a
+user error is reported once, with the key's path and what is allowed, and
+cache keys hash canonical typed values rather than YAML text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    """Strict section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------- schema
+class SourceConfig(_Section):
+    """One input listing clips: our CSV manifest, an official AudioSet segment CSV, or a PaSST HDF5 file."""
+
+    format: Literal["csv", "audioset", "hdf5"] = "csv"
+    path: Path = Field(description="manifest CSV, AudioSet segments CSV or HDF5 file")
+    audio_dir: Path | None = Field(None, description="folder with the audio files (format: audioset)")
+    split: str | None = Field(None, description="split for clips that name none (e.g. train, eval)")
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    class_list: Path | None = Field(
+        None, description="class list in AudioSet's class_labels_indices.csv format; default: the labels found"
+    )
+    sample_rate: int = Field(32000, ge=8000, le=96000, description="rate of the waveform store")
+    clip_seconds: float = Field(10.0, gt=0, le=600, description="clips are padded or cropped to this length")
+
+
+class PrepareConfig(_Section):
+    workers: int = Field(0, ge=0, description="decoding processes; 0 = one per CPU core")
+    on_error: Literal["skip", "fail"] = Field("skip", description="bad audio: list it in skipped.csv, or stop")
+    min_seconds: float = Field(1.0, ge=0, description="shorter audio is rejected as too short")
+    silence_threshold: float = Field(1e-4, ge=0, lt=1, description="peak amplitude below this is silent")
+    shard_clips: int = Field(256, ge=1, le=65536, description="clips per Zarr shard (one file, one writer)")
+    compression: Literal["none", "zstd"] = Field("none", description="waveform codec; none reads fastest")
+
+
+class TeacherConfig(_Section):
+    arch: str = Field(description="registry architecture, e.g. passt_s_s10")
+    checkpoint: Path | None = Field(None, description="checkpoint file; null = the train-teacher output")
+    weight: float = Field(1.0, ge=0, description="ensemble weight")
+
+
+class ExtractConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    chunk_clips: int = Field(4096, ge=1, description="clips per logits chunk (the unit of resume)")
+    ensemble: Literal["logits", "probabilities"] = Field("logits", description="average logits or probabilities")
+    engine: Literal["local", "dask"] = "local"
+    scheduler: str | None = Field(None, description="dask scheduler address; null = a LocalCluster")
+
+
+class KDConfig(_Section):
+    enabled: bool = True
+    label_weight: float = Field(0.1, ge=0, le=1, description="lambda: weight of the label loss")
+    temperature: float = Field(1.0, gt=0)
+
+
+class StudentConfig(_Section):
+    arch: str = Field("mobilenetv3", description="registry architecture of the student")
+    width: float = Field(1.0, gt=0, le=4.0, description="width multiplier (mn10 = 1.0)")
+    epochs: int = Field(200, ge=1)
+    epoch_samples: int = Field(100_000, ge=1, description="clips drawn per epoch by the weighted sampler")
+    batch_size: int = Field(120, ge=1)
+    lr: float = Field(8e-4, gt=0)
+    warmup_epochs: int = Field(8, ge=0)
+    rampdown_start: int = Field(80, ge=0)
+    rampdown_epochs: int = Field(95, ge=1)
+    last_lr_factor: float = Field(0.01, ge=0, le=1)
+    mixup_alpha: float = Field(0.3, ge=0)
+    kd: KDConfig = Field(default_factory=KDConfig)
+
+
+class EvaluationConfig(_Section):
+    split: str = Field("eval", description="split used for every metric")
+    batch_size: int = Field(64, ge=1)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    teachers: list[TeacherConfig] = Field(default_factory=list)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    cache_dir: Path = Field(Path("kdpipe-cache"), description="where stage outputs live")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    seed: int = Field(0, ge=0)
+
+
+# ------------------------------------------------------------------ YAML 1.2
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML is YAML 1.1: `yes` is a bool, `1e-3` a string, `010` octal, dates are dates.
+
+    This loader resolves plain scalars the YAML 1.2 way so values mean what they
+    look like; the schema then coerces them to their declared types.
+    """
+
+
+_YAML11_SCALAR_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_SCALAR_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAML12_SCALARS = [
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^[-+]?[0-9]+$", "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     "-+0123456789."),
+]
+for _tag, _pattern, _first in _YAML12_SCALARS:
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+
+
+# ------------------------------------------------------------------- loading
+def load_config(
+    path: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+    *,
+    check_files: bool = True,
+) -> Config:
+    """Resolve defaults < file < `--set` overrides < flags, validate, and return the config.
+
+    `flags` maps dotted keys to values given by first-class CLI flags (None = not given).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        raw = parse_yaml(path.read_text(), str(path)) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set student.width=2.0")
+        _set_dotted(raw, key.strip(), parse_yaml(text, f"--set {key}"))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    if check_files:
+        check_input_files(config)
+    return config
+
+
+def check_input_files(config: Config) -> None:
+    """Every path the config names as an input must exist (exit 2 naming the key otherwise)."""
+    problems = []
+    for i, source in enumerate(config.data.sources):
+        if not source.path.is_file():
+            problems.append(f"data.sources.{i}.path: no such file: {source.path}")
+        if source.format == "audioset" and source.audio_dir is None:
+            problems.append(f"data.sources.{i}.audio_dir: required for format 'audioset'")
+        elif source.audio_dir is not None and not source.audio_dir.is_dir():
+            problems.append(f"data.sources.{i}.audio_dir: no such folder: {source.audio_dir}")
+    if config.data.class_list is not None and not config.data.class_list.is_file():
+        problems.append(f"data.class_list: no such file: {config.data.class_list}")
+    for i, teacher in enumerate(config.teachers):
+        if teacher.checkpoint is not None and not teacher.checkpoint.is_file():
+            problems.append(f"teachers.{i}.checkpoint: no such file: {teacher.checkpoint}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists, creating mappings on the way (the schema judges the keys)."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} has {len(node)} entries; "
+                                  f"'{part}' is not a valid index")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is a value, not a section")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            valid = _field_names_at(error["loc"][:-1])
+            close = difflib.get_close_matches(str(error["loc"][-1]), valid, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            lines.append(f"{loc}: unknown key; {hint}valid keys here: {', '.join(valid)}")
+        elif error["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            lines.append(f"{loc}: {error['msg']} (got {error['input']!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _field_names_at(loc: tuple[Any, ...]) -> list[str]:
+    """Names of the keys the schema allows at `loc` (list indices skipped)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[str(part)].annotation
+        args = getattr(annotation, "__args__", ())
+        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), model)
+    return list(model.model_fields)
+
+
+# -------------------------------------------------------------- canonical form
+def to_plain(config: BaseModel) -> dict[str, Any]:
+    """The config as JSON-ready plain data with typed values (paths as strings)."""
+    return config.model_dump(mode="json")
+
+
+def select(plain: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key path of `to_plain` output."""
+    node: Any = plain
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON for hashing: sorted keys, no whitespace, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def dump_yaml(value: Any) -> str:
+    return yaml.safe_dump(value, sort_keys=False, default_flow_style=False)

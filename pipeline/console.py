@@ -1,0 +1,56 @@
+"""One place for user-facing output: messages, verbosity and progress bars.
+
+Messages and progress go to stderr so that stdout carries only results
+(tables, YAML) that users may pipe elsewhere.
+"""
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+_verbosity = 1  # 0 quiet, 1 normal, 2 verbose
+
+
+def set_verbosity(level: int) -> None:
+    global _verbosity
+    _verbosity = level
+
+
+def info(message: str) -> None:
+    if _verbosity >= 1:
+        err.print(message)
+
+
+def debug(message: str) -> None:
+    if _verbosity >= 2:
+        err.print(f"[dim]{message}[/dim]")
+
+
+def progress() -> Progress:
+    """A progress bar for long work; silent under --quiet."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=_verbosity < 1,
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
+    """Iterate with a progress bar."""
+    with progress() as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)

@@ -1,0 +1,70 @@
+"""Content fingerprints of external inputs (manifests, checkpoints), cheap to recompute.
+
+A file's sha256 is remembered by (absolute path, size, mtime) in a small JSON
+database in the cache folder, as DVC's state DB does: `kdpipe status` on
+multi-GB checkpoints then costs a stat, not a re-hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_hash(objects: tuple[ModuleType | Any, ...]) -> str:
+    """Hash of the source code of modules or functions: what a stage's outputs depend on."""
+    return sha256_text("\n".join(inspect.getsource(obj) for obj in objects))
+
+
+class FingerprintDB:
+    """sha256 of files, cached by path + size + mtime in one JSON file."""
+
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+        self._entries: dict[str, dict[str, Any]] | None = None
+
+    def sha256(self, path: Path) -> str:
+        path = path.resolve()
+        stat = path.stat()
+        entries = self._load()
+        entry = entries.get(str(path))
+        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+            return entry["sha256"]
+        digest = sha256_file(path)
+        entries[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        self._save()
+        return digest
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.db_path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                self._entries = {}
+        return self._entries
+
+    def _save(self) -> None:
+        """Atomic replace: a concurrent writer can at worst drop an entry, never corrupt the file."""
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.db_path.with_name(f".{self.db_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._entries, indent=0, sort_keys=True))
+        os.replace(tmp, self.db_path)

@@ -1,0 +1,115 @@
+"""Bring stages up to date: compute keys, report status, run what is stale and nothing else."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline import console
+from pipeline.cache import StageCache, environment_versions
+from pipeline.config import Config
+from pipeline.errors import KdpipeError
+from pipeline.fingerprint import FingerprintDB
+from pipeline.stage import KeyComponents, Stage, StageContext, explain_change, key_components
+
+State = Literal["fresh", "stale", "missing"]
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage: str
+    key: str
+    state: State
+    reasons: tuple[str, ...]
+
+
+class Pipeline:
+    """An ordered set of stages over one config and one cache folder."""
+
+    def __init__(self, stages: list[Stage], config: Config):
+        self.stages = {stage.name: stage for stage in stages}
+        self.config = config
+        self.cache = StageCache(config.cache_dir)
+        self.fingerprints = FingerprintDB(config.cache_dir / "fingerprints.json")
+        self._components: dict[str, KeyComponents] = {}
+
+    def stage(self, name: str) -> Stage:
+        if name not in self.stages:
+            raise KdpipeError(f"unknown stage {name!r}; stages: {', '.join(self.stages)}")
+        return self.stages[name]
+
+    def components(self, name: str) -> KeyComponents:
+        if name not in self._components:
+            stage = self.stage(name)
+            upstream = {up: self.key(up) for up in stage.upstream}
+            self._components[name] = key_components(stage, self.config, upstream, self.fingerprints)
+        return self._components[name]
+
+    def key(self, name: str) -> str:
+        return self.components(name).key
+
+    def status(self, name: str) -> StageStatus:
+        components = self.components(name)
+        key = components.key
+        if self.cache.record(name, key) is not None:
+            return StageStatus(name, key, "fresh", ())
+        reasons = []
+        if self.cache.entry_dir(name, key).is_dir():
+            reasons.append("a partial build is present" + (" (will resume)" if self.stage(name).resumable else ""))
+        latest = self.cache.latest_record(name)
+        if latest is None:
+            return StageStatus(name, key, "missing", tuple(reasons))
+        return StageStatus(name, key, "stale", tuple(explain_change(latest["components"], components) + reasons))
+
+    def ensure(self, name: str, *, force: bool = False, wait: bool = True) -> Path:
+        """Bring `name`'s upstream stages up to date, then build `name` unless it is cached (or forced)."""
+        stage = self.stage(name)
+        upstream = {up: self.ensure(up, wait=wait) for up in stage.upstream}
+        key = self.key(name)
+        out_dir = self.cache.entry_dir(name, key)
+        if not force and self.cache.record(name, key) is not None:
+            console.info(f"[green]{name}[/green]: cached ({key})")
+            return out_dir
+        with self.cache.lock(name, key, wait=wait):
+            if not force and self.cache.record(name, key) is not None:  # built while we waited
+                console.info(f"[green]{name}[/green]: cached ({key}), built by another process")
+                return out_dir
+            self._prepare_folder(stage, out_dir, force)
+            started = time.time()
+            summary = stage.run(StageContext(self.config, out_dir, upstream, key, self.components(name).inputs))
+            missing = [path for path in stage.outputs if not (out_dir / path).exists()]
+            if missing:
+                raise KdpipeError(f"{name} finished without producing {', '.join(missing)}")
+            finished = time.time()
+            self.cache.commit(name, key, {
+                "stage": name,
+                "key": key,
+                "components": self.components(name).as_json(),
+                "started": started,
+                "finished": finished,
+                "seconds": round(finished - started, 3),
+                "versions": environment_versions(),
+                "outputs": list(stage.outputs),
+                "summary": summary,
+            })
+        console.info(f"[green]{name}[/green]: done in {finished - started:.1f} s ({key})")
+        return out_dir
+
+    def _prepare_folder(self, stage: Stage, out_dir: Path, force: bool) -> None:
+        self.cache.uncommit(stage.name, out_dir.name)
+        partial = out_dir.is_dir() and any(out_dir.iterdir())
+        if partial and (force or not stage.resumable):
+            console.info(f"{stage.name}: discarding {'previous' if force else 'partial'} build in {out_dir}")
+            shutil.rmtree(out_dir)
+        elif partial:
+            console.info(f"{stage.name}: resuming partial build in {out_dir}")
+        else:
+            console.info(f"{stage.name}: building ({out_dir.name})")
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def referenced_keys(self) -> dict[str, str]:
+        """The key of every stage under the current config: what `cache gc` keeps."""
+        return {name: self.key(name) for name in self.stages}

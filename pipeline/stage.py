@@ -1,0 +1,132 @@
+"""What a stage is (DVC's view): its inputs, its parameters and its outputs; and its cache key.
+
+The key of a stage is a sha256 over canonical JSON of
+  - the stage's name and schema version (bumped when output meaning changes);
+  - the config subset it declares (canonical typed values, not YAML text);
+  - its upstream stages' keys (Merkle chaining: O(config), not O(data));
+  - a hash of its own source code (declared modules or functions);
+  - fingerprints of external inputs (manifest and checkpoint contents).
+Everything else (worker counts, batch sizes that do not change results,
+verbosity) is left out on purpose, so changing it never invalidates outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pipeline.config import Config, canonical_json, select, to_plain
+from pipeline.fingerprint import FingerprintDB, sha256_text, source_hash
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets: the config, its output folder and its upstream outputs."""
+
+    config: Config
+    out_dir: Path
+    upstream: dict[str, Path]
+    key: str
+    input_hashes: dict[str, str]
+    """sha256 of each external input, by label (to record in the outputs)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    params: tuple[str, ...]
+    """Dotted config keys whose values change this stage's outputs."""
+    outputs: tuple[str, ...]
+    """Paths, relative to the stage's output folder, that the stage produces."""
+    run: Callable[[StageContext], dict[str, Any]]
+    """Builds the outputs; returns a small JSON summary for the record."""
+    code: tuple[ModuleType | Callable[..., Any], ...]
+    """Source whose edits change the outputs (hashed into the key)."""
+    upstream: tuple[str, ...] = ()
+    inputs: Callable[[Config], dict[str, Path]] = field(default=lambda config: {})
+    """External files the outputs depend on, by a readable label."""
+    schema_version: int = 1
+    resumable: bool = False
+    """True when `run` continues a partial output folder instead of needing a fresh one."""
+
+
+@dataclass(frozen=True)
+class KeyComponents:
+    """Everything a stage key is made of, kept in the record to explain staleness."""
+
+    stage: str
+    schema_version: int
+    params: dict[str, Any]
+    upstream: dict[str, str]
+    code: str
+    inputs: dict[str, str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "schema_version": self.schema_version,
+            "params": self.params,
+            "upstream": self.upstream,
+            "code": self.code,
+            "inputs": self.inputs,
+        }
+
+    @property
+    def key(self) -> str:
+        return sha256_text(canonical_json(self.as_json()))[:20]
+
+
+def key_components(
+    stage: Stage, config: Config, upstream_keys: dict[str, str], fingerprints: FingerprintDB
+) -> KeyComponents:
+    plain = to_plain(config)
+    return KeyComponents(
+        stage=stage.name,
+        schema_version=stage.schema_version,
+        params={name: select(plain, name) for name in stage.params},
+        upstream={name: upstream_keys[name] for name in stage.upstream},
+        code=source_hash(stage.code),
+        inputs={label: fingerprints.sha256(path) for label, path in sorted(stage.inputs(config).items())},
+    )
+
+
+def explain_change(old: dict[str, Any], new: KeyComponents) -> list[str]:
+    """Human-readable differences between a recorded key's components and the current ones."""
+    reasons = []
+    if old.get("schema_version") != new.schema_version:
+        reasons.append(f"stage schema {old.get('schema_version')} -> {new.schema_version}")
+    old_flat, new_flat = _flatten(old.get("params", {})), _flatten(new.params)
+    for name in sorted(old_flat.keys() | new_flat.keys()):
+        before, after = old_flat.get(name, "<unset>"), new_flat.get(name, "<unset>")
+        if before != after:
+            reasons.append(f"{name}: {_short(before)} -> {_short(after)}")
+    for name in sorted(old.get("upstream", {}).keys() | new.upstream.keys()):
+        if old.get("upstream", {}).get(name) != new.upstream.get(name):
+            reasons.append(f"upstream {name} changed")
+    if old.get("code") != new.code:
+        reasons.append("stage code changed")
+    for label in sorted(old.get("inputs", {}).keys() | new.inputs.keys()):
+        if old.get("inputs", {}).get(label) != new.inputs.get(label):
+            reasons.append(f"input {label} changed")
+    return reasons
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value:
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for name, child in items:
+        flat.update(_flatten(child, f"{prefix}.{name}" if prefix else str(name)))
+    return flat
+
+
+def _short(value: Any) -> str:
+    text = canonical_json(value) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

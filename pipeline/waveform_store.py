@@ -1,0 +1,137 @@
+"""The waveform store: every clip decoded once to int16 at one sample rate, in Zarr.
+
+Layout of `waveforms.zarr` (one row per manifest clip, in manifest order):
+  waveform (N, samples) int16   chunks of one clip (read one clip alone), shards of
+                                `shard_clips` clips (one file, and one writer, each)
+  labels   (N, classes) uint8   multi-hot
+  clip_id, split (N,) str
+  status   (N,) str             "ok", or why the clip was skipped ("" = not decoded yet)
+  message  (N,) str             details for skipped clips
+  done     (shards,) bool       shards completely written: the unit of resume
+Attributes: sample_rate, clip_samples, shard_clips, class mids and names.
+
+Zarr has no locks, so each shard is written by exactly one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from pipeline.manifests import ClassList
+
+FORMAT = "kdpipe.waveforms/1"
+OK = "ok"
+
+
+class WaveformStore:
+    def __init__(self, group: zarr.Group):
+        self.group = group
+        attrs = group.attrs
+        self.sample_rate: int = attrs["sample_rate"]
+        self.clip_samples: int = attrs["clip_samples"]
+        self.shard_clips: int = attrs["shard_clips"]
+        self.classes = ClassList(tuple(attrs["class_mids"]), tuple(attrs["class_names"]))
+        self.waveform: zarr.Array = group["waveform"]
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        clip_ids: list[str],
+        splits: list[str],
+        labels: np.ndarray,
+        classes: ClassList,
+        sample_rate: int,
+        clip_samples: int,
+        shard_clips: int,
+        compression: str = "none",
+        attributes: dict[str, Any] | None = None,
+    ) -> WaveformStore:
+        """Create an empty store with all per-clip metadata written; waveforms follow shard by shard."""
+        n = len(clip_ids)
+        shard_clips = max(1, min(shard_clips, n))
+        group = zarr.open_group(path, mode="w", attributes={
+            "format": FORMAT,
+            "sample_rate": sample_rate,
+            "clip_samples": clip_samples,
+            "shard_clips": shard_clips,
+            "class_mids": list(classes.mids),
+            "class_names": list(classes.names),
+            **(attributes or {}),
+        })
+        group.create_array(
+            "waveform", shape=(n, clip_samples), dtype="int16", chunks=(1, clip_samples),
+            shards=(shard_clips, clip_samples), fill_value=0, dimension_names=("clip", "sample"),
+            compressors=ZstdCodec(level=3) if compression == "zstd" else None,
+        )
+        per_clip = {"chunks": (shard_clips,), "dimension_names": ("clip",)}
+        group.create_array("labels", shape=(n, len(classes)), dtype="uint8", chunks=(shard_clips, len(classes)),
+                           fill_value=0, dimension_names=("clip", "class"))[:] = labels
+        group.create_array("clip_id", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(clip_ids)
+        group.create_array("split", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(splits)
+        group.create_array("status", shape=(n,), dtype=str, **per_clip)
+        group.create_array("message", shape=(n,), dtype=str, **per_clip)
+        n_shards = -(-n // shard_clips)
+        group.create_array("done", shape=(n_shards,), dtype=bool, chunks=(n_shards,), fill_value=False)
+        return cls(group)
+
+    @classmethod
+    def open(cls, path: Path, mode: str = "r") -> WaveformStore:
+        group = zarr.open_group(path, mode=mode)
+        if group.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a kdpipe waveform store")
+        return cls(group)
+
+    # ------------------------------------------------------------- layout
+    @property
+    def n_clips(self) -> int:
+        return self.waveform.shape[0]
+
+    @property
+    def n_shards(self) -> int:
+        return self.group["done"].shape[0]
+
+    def shard_rows(self, shard: int) -> range:
+        start = shard * self.shard_clips
+        return range(start, min(start + self.shard_clips, self.n_clips))
+
+    # ------------------------------------------------------------ writing
+    def write_shard(self, shard: int, waves: np.ndarray, status: list[str], messages: list[str]) -> None:
+        """Write one shard's waveforms and outcomes (the caller is its only writer)."""
+        rows = self.shard_rows(shard)
+        region = slice(rows.start, rows.stop)
+        self.waveform[region] = waves
+        self.group["status"][region] = np.asarray(status)
+        self.group["message"][region] = np.asarray(messages)
+
+    def mark_done(self, shard: int) -> None:
+        self.group["done"][shard] = True
+
+    def done_shards(self) -> np.ndarray:
+        return self.group["done"][:]
+
+    # ------------------------------------------------------------ reading
+    def column(self, name: str) -> np.ndarray:
+        """A whole per-clip array: clip_id, split, labels, status or message."""
+        return self.group[name][:]
+
+    def rows(self, split: str | None = None) -> np.ndarray:
+        """Indices of the decoded (status ok) clips, optionally of one split."""
+        keep = self.column("status") == OK
+        if split is not None:
+            keep &= self.column("split") == split
+        return np.flatnonzero(keep)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """int16 waveforms of the given rows, in the given order (read in sorted order)."""
+        rows = np.asarray(rows)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), self.clip_samples), dtype=np.int16)
+        out[order] = self.waveform.get_orthogonal_selection((rows[order], slice(None)))
+        return out
