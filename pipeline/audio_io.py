@@ -184,6 +184,10 @@ def _open_binary(source: Source) -> BinaryIO:
     return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
 
 
+def _decoder_input(source: Source) -> str | io.BytesIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else str(source)
+
+
 def _frame_at(seconds: float | None, sample_rate: int) -> int:
     return 0 if seconds is None else round(seconds * sample_rate)
 
@@ -214,7 +218,7 @@ def _wav_declared_frames(source: Source) -> int | None:
 
 
 def _decode_soundfile(source: Source, start: float | None, end: float | None, declared: int | None) -> _Decoded:
-    with sf.SoundFile(_open_binary(source)) as f:
+    with sf.SoundFile(_decoder_input(source)) as f:
         sample_rate = f.samplerate
         total = f.frames if declared is None else declared
         first = min(_frame_at(start, sample_rate), total)
@@ -238,30 +242,39 @@ def _skip_frames(f: sf.SoundFile, frames: int) -> None:
 
 def _decode_pyav(source: Source, start: float | None, end: float | None, declared: int | None) -> _Decoded:
     """Decode with ffmpeg. Keeps the audio decoded before a mid-stream error, noting the error."""
-    with av.open(_open_binary(source)) as container:
+    with av.open(_decoder_input(source)) as container:
         if not container.streams.audio:
             raise _NoAudioStream("no audio stream in the file")
         stream = container.streams.audio[0]
         seek_to = _pyav_seek(container, stream, start)
-        chunks, sample_rate, origin, error = [], 0, seek_to, None
-        try:
-            for frame in _pyav_float_frames(container, stream):
-                if not chunks:
-                    sample_rate = frame.sample_rate
-                    origin = _pyav_frame_seconds(frame, stream, default=seek_to)
-                chunks.append(frame.to_ndarray())
-                decoded_until = origin + sum(c.shape[1] for c in chunks) / sample_rate
-                if end is not None and decoded_until >= end:
-                    break
-        except av.error.FFmpegError as exc:
-            if not chunks:
-                raise
-            error = str(exc)
+        chunks, sample_rate, origin, error = _pyav_collect(container, stream, seek_to, end)
     audio = np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), np.float32)
-    first = max(_frame_at(start, sample_rate) - round(origin * sample_rate), 0)
-    stop = None if end is None else max(_frame_at(end, sample_rate) - round(origin * sample_rate), 0)
+    offset = round(origin * sample_rate)
+    first = max(_frame_at(start, sample_rate) - offset, 0)
+    stop = None if end is None else max(_frame_at(end, sample_rate) - offset, 0)
     expected = _expected_frames(declared, start, end, sample_rate)
     return _Decoded(np.ascontiguousarray(audio[:, first:stop]), sample_rate, expected, error)
+
+
+def _pyav_collect(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream, seek_to: float, end: float | None
+) -> tuple[list[np.ndarray], int, float, str | None]:
+    """Decoded chunks up to `end`, their sample rate, the time of the first one, and any mid-stream error."""
+    chunks, sample_rate, origin, decoded = [], stream.codec_context.sample_rate, seek_to, 0
+    try:
+        for frame in _pyav_float_frames(container, stream):
+            if not chunks:
+                sample_rate = frame.sample_rate
+                origin = _pyav_frame_seconds(frame, stream, default=seek_to)
+            chunks.append(frame.to_ndarray())
+            decoded += frame.samples
+            if end is not None and origin + decoded / sample_rate >= end:
+                break
+    except av.error.FFmpegError as exc:
+        if not chunks:
+            raise
+        return chunks, sample_rate, origin, str(exc)
+    return chunks, sample_rate, origin, None
 
 
 def _pyav_seek(container: av.container.InputContainer, stream: av.audio.stream.AudioStream, start: float | None) -> float:
