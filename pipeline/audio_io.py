@@ -18,9 +18,10 @@ Behaviours found with libsndfile 1.2.2 and PyAV 18 (ffmpeg 8) that shape the cod
   decoder error is reported as truncated.
 - Other compressed formats (m4a, webm, ...) carry no frame count we trust, so a
   cut there is only caught by the too_short check.
-- libsndfile's seek is not sample-accurate for MP3 and Ogg (garbage or a
+- libsndfile's seek is not sample-accurate for MP3 and Ogg Vorbis (garbage or a
   64-sample offset after seeking), so those are decoded from the start and the
-  head is thrown away; WAV/FLAC are seeked. PyAV seeks only containers with
+  head is thrown away; WAV/FLAC are seeked. Ogg Opus written by ffmpeg comes out
+  312 samples late unless the file is seeked to 0 before the first read. PyAV seeks only containers with
   per-packet timestamps (mp4, matroska/webm, ogg), with pre-roll so the decoder
   is warmed up, and trims to the exact sample using the frame timestamps.
 - Both decoders drop the MP3 encoder delay and padding given in the LAME tag,
@@ -229,10 +230,16 @@ def _decode_soundfile(source: Source, start: float | None, end: float | None, de
 
 
 def _skip_frames(f: sf.SoundFile, frames: int) -> None:
-    """Move to frame `frames`: a seek where libsndfile's seek is exact, else decode and discard."""
+    """Move to frame `frames`: a seek where libsndfile's seek is exact, else rewind, decode and discard.
+
+    The rewind matters: on an Ogg Opus file from ffmpeg, libsndfile skips the
+    codec pre-skip only after a seek, so reading straight after opening comes
+    out 312 samples late (soundfile.read always seeks first, hiding this).
+    """
     if f.format not in _INEXACT_SEEK_FORMATS:
         f.seek(frames)
         return
+    f.seek(0)
     while frames > 0:
         got = len(f.read(min(frames, _SKIP_BLOCK_FRAMES), dtype="float32"))
         if got == 0:

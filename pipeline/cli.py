@@ -7,7 +7,6 @@ print one message a user can act on, never a traceback.
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -147,11 +146,15 @@ def demo(
     if not config.data.sources[0].path.is_file():
         dataset = write_demo_dataset(data_dir, clip_seconds=config.data.clip_seconds, seed=config.seed)
         console.info(f"demo: wrote {dataset.n_clips} synthetic clips to {data_dir}")
+    out.mkdir(parents=True, exist_ok=True)
     config_module.check_input_files(config)
+    resolved = out / "demo.yaml"
+    resolved.write_text(config_module.dump_yaml(config_module.to_plain(config)))
     pipeline = make_pipeline(config)
     for name in pipeline.stages:
         pipeline.ensure(name, force=force)
     console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
+    console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")
 
 
 # ----------------------------------------------------------------- config
@@ -241,5 +244,3 @@ def _human_bytes(size: float) -> str:
 def main() -> None:
     app()
 
-
-__all__ = ["app", "main", "shutil"]

@@ -79,7 +79,7 @@ def read_csv_manifest(path: Path, default_split: str | None = None) -> list[Clip
             try:
                 clips.append(Clip(
                     clip_id=row["clip_id"].strip(),
-                    audio=path.parent / row["path"].strip(),
+                    audio=Path(os.path.normpath(path.parent / row["path"].strip())),
                     labels=_split_labels(row["labels"], LABEL_SEPARATOR),
                     split=(row.get("split") or default_split or "").strip(),
                     start=_optional_float(row.get("start")),
