@@ -20,8 +20,8 @@ Behaviours found with libsndfile 1.2.2 and PyAV 18 (ffmpeg 8) that shape the cod
   cut there is only caught by the too_short check.
 - libsndfile's seek is not sample-accurate for MP3 and Ogg Vorbis (garbage or a
   64-sample offset after seeking), so those are decoded from the start and the
-  head is thrown away; WAV/FLAC are seeked. Ogg Opus written by ffmpeg comes out
-  312 samples late unless the file is seeked to 0 before the first read. PyAV seeks only containers with
+  head is thrown away; WAV/FLAC are seeked. See `_read_span` for two more
+  libsndfile quirks (MP3 read-call boundaries, Ogg Opus pre-skip). PyAV seeks only containers with
   per-packet timestamps (mp4, matroska/webm, ogg), with pre-roll so the decoder
   is warmed up, and trims to the exact sample using the frame timestamps.
 - Both decoders drop the MP3 encoder delay and padding given in the LAME tag,
@@ -57,7 +57,6 @@ _INEXACT_SEEK_FORMATS = frozenset({"MP3", "OGG"})
 _TIMESTAMPED_CONTAINERS = frozenset({"mov", "mp4", "matroska", "webm", "ogg"})
 # Decode this much before a seek target so codec state (overlap, bit reservoir) is warm.
 _PREROLL_SECONDS = 0.5
-_SKIP_BLOCK_FRAMES = 1 << 16
 # RIFF WAVE format tags whose data chunk holds exactly block_align bytes per frame.
 _PCM_FORMAT_TAGS = frozenset({0x0001, 0x0003, 0xFFFE})
 
@@ -153,8 +152,11 @@ def fit_length(waveform: np.ndarray, length: int) -> np.ndarray:
 
 
 def to_int16(waveform: np.ndarray) -> np.ndarray:
-    """Float audio in [-1, 1] to int16 (full scale 32767); overshoot is clipped."""
-    return np.round(np.clip(waveform, -1.0, 1.0) * 32767.0).astype(np.int16)
+    """Float audio to int16 at the decoders' scale (int16 / 32768), so 16-bit PCM round-trips exactly.
+
+    +1.0 and overshoot clip to 32767, -1.0 is -32768.
+    """
+    return np.clip(np.round(waveform * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def _describe(source: Source) -> str:
@@ -193,6 +195,18 @@ def _frame_at(seconds: float | None, sample_rate: int) -> int:
     return 0 if seconds is None else round(seconds * sample_rate)
 
 
+def _span(total: int, start: float | None, end: float | None, sample_rate: int) -> tuple[int, int]:
+    """Frames [first, stop) of the requested segment, clipped to a file of `total` frames."""
+    first = min(_frame_at(start, sample_rate), total)
+    stop = total if end is None else min(_frame_at(end, sample_rate), total)
+    return first, stop
+
+
+def _span_length(total: int, start: float | None, end: float | None, sample_rate: int) -> int:
+    first, stop = _span(total, start, end, sample_rate)
+    return stop - first
+
+
 def _wav_declared_frames(source: Source) -> int | None:
     """Frames a PCM/float RIFF WAVE header promises, or None if not such a file or unknown.
 
@@ -221,30 +235,25 @@ def _wav_declared_frames(source: Source) -> int | None:
 def _decode_soundfile(source: Source, start: float | None, end: float | None, declared: int | None) -> _Decoded:
     with sf.SoundFile(_decoder_input(source)) as f:
         sample_rate = f.samplerate
-        total = f.frames if declared is None else declared
-        first = min(_frame_at(start, sample_rate), total)
-        stop = total if end is None else min(_frame_at(end, sample_rate), total)
-        _skip_frames(f, min(first, f.frames))
-        audio = f.read(stop - first, dtype="float32", always_2d=True)
+        first, stop = _span(f.frames if declared is None else declared, start, end, sample_rate)
+        audio = _read_span(f, first, stop)
     return _Decoded(np.ascontiguousarray(audio.T), sample_rate, expected_frames=stop - first)
 
 
-def _skip_frames(f: sf.SoundFile, frames: int) -> None:
-    """Move to frame `frames`: a seek where libsndfile's seek is exact, else rewind, decode and discard.
+def _read_span(f: sf.SoundFile, first: int, stop: int) -> np.ndarray:
+    """Frames [first, stop) as float32 (frames, channels), in one read call.
 
-    The rewind matters: on an Ogg Opus file from ffmpeg, libsndfile skips the
-    codec pre-skip only after a seek, so reading straight after opening comes
-    out 312 samples late (soundfile.read always seeks first, hiding this).
+    Where libsndfile's seek is inexact, read from frame 0 and drop the head.
+    One call, because libsndfile 1.2.2 glitches at read-call boundaries on
+    some MP3s (those it wrote itself); the rewind, because on an Ogg Opus file
+    from ffmpeg it applies the codec pre-skip only after a seek, so a read
+    straight after opening comes out 312 samples late.
     """
-    if f.format not in _INEXACT_SEEK_FORMATS:
-        f.seek(frames)
-        return
-    f.seek(0)
-    while frames > 0:
-        got = len(f.read(min(frames, _SKIP_BLOCK_FRAMES), dtype="float32"))
-        if got == 0:
-            return
-        frames -= got
+    if f.format in _INEXACT_SEEK_FORMATS:
+        f.seek(0)
+        return f.read(stop, dtype="float32", always_2d=True)[first:]
+    f.seek(min(first, f.frames))  # a cut WAV has fewer frames than its header declares
+    return f.read(stop - first, dtype="float32", always_2d=True)
 
 
 def _decode_pyav(source: Source, start: float | None, end: float | None, declared: int | None) -> _Decoded:
@@ -259,7 +268,7 @@ def _decode_pyav(source: Source, start: float | None, end: float | None, declare
     offset = round(origin * sample_rate)
     first = max(_frame_at(start, sample_rate) - offset, 0)
     stop = None if end is None else max(_frame_at(end, sample_rate) - offset, 0)
-    expected = _expected_frames(declared, start, end, sample_rate)
+    expected = None if declared is None else _span_length(declared, start, end, sample_rate)
     return _Decoded(np.ascontiguousarray(audio[:, first:stop]), sample_rate, expected, error)
 
 
@@ -284,7 +293,9 @@ def _pyav_collect(
     return chunks, sample_rate, origin, None
 
 
-def _pyav_seek(container: av.container.InputContainer, stream: av.audio.stream.AudioStream, start: float | None) -> float:
+def _pyav_seek(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream, start: float | None
+) -> float:
     """Seek near `start` (minus pre-roll) where timestamps are exact; returns where decoding starts."""
     target = (start or 0.0) - _PREROLL_SECONDS
     demuxers = set(container.format.name.split(","))
@@ -295,7 +306,9 @@ def _pyav_seek(container: av.container.InputContainer, stream: av.audio.stream.A
     return target
 
 
-def _pyav_float_frames(container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> Iterator[av.AudioFrame]:
+def _pyav_float_frames(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream
+) -> Iterator[av.AudioFrame]:
     """Decoded frames converted to planar float32, keeping channel layout and rate."""
     converter = av.AudioResampler(format="fltp")
     for packet in container.demux(stream):
@@ -309,14 +322,6 @@ def _pyav_frame_seconds(frame: av.AudioFrame, stream: av.audio.stream.AudioStrea
     if frame.pts is None:
         return default
     return max(float((frame.pts - (stream.start_time or 0)) * stream.time_base), 0.0)
-
-
-def _expected_frames(declared: int | None, start: float | None, end: float | None, sample_rate: int) -> int | None:
-    if declared is None:
-        return None
-    first = min(_frame_at(start, sample_rate), declared)
-    stop = declared if end is None else min(_frame_at(end, sample_rate), declared)
-    return stop - first
 
 
 def _check_complete(decoded: _Decoded, name: str, start: float | None, end: float | None) -> None:
@@ -350,4 +355,6 @@ def _validate(audio: np.ndarray, sample_rate: int, name: str, min_seconds: float
         raise AudioError("too_short", f"{name}: {seconds:.2f} s of audio, less than the minimum {min_seconds} s")
     peak = float(np.abs(audio).max())
     if peak < silence_threshold:
-        raise AudioError("silent", f"{name}: silent (peak amplitude {peak:.2g} < {silence_threshold}); check the recording")
+        raise AudioError(
+            "silent", f"{name}: silent (peak amplitude {peak:.2g} < {silence_threshold}); check the recording"
+        )

@@ -196,26 +196,30 @@ def check_input_files(config: Config) -> None:
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.0.c` in nested dicts/lists, creating mappings on the way (the schema judges the keys)."""
+    """Set `a.b.0.c` in nested dicts/lists, creating containers on the way (the schema judges the keys).
+
+    A list index equal to the list's length appends an entry, so `data.sources.0.path=x` works on defaults.
+    """
     parts = dotted.split(".")
     node: Any = raw
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
+        fresh: Any = value if last else [] if parts[depth + 1].isdigit() else {}
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not part.isdigit() or int(part) > len(node):
                 raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} has {len(node)} entries; "
                                   f"'{part}' is not a valid index")
-            if last:
+            if int(part) == len(node):
+                node.append(fresh)
+            elif last:
                 node[int(part)] = value
-            else:
-                node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is a value, not a section")
-        if last:
-            node[part] = value
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            node = node.setdefault(part, fresh)
         else:
-            node = node.setdefault(part, {})
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is a value, not a section")
 
 
 def _describe(exc: ValidationError) -> str:

@@ -56,24 +56,24 @@ def decode_shard(job: ShardJob) -> ShardResult:
     waves = np.zeros((len(job.clips), job.clip_samples), dtype=np.int16)
     status, messages, failures = [], [], []
     for i, (clip, rejected) in enumerate(zip(job.clips, job.rejected)):
-        try:
-            if rejected is not None:
-                raise AudioError(UNKNOWN_LABEL, rejected)
-            waves[i], _info = audio_io.load_clip(
-                _encoded(clip),
-                sample_rate=job.sample_rate,
-                clip_samples=job.clip_samples,
-                start=clip.start,
-                end=clip.end,
-                min_seconds=job.settings.min_seconds,
-                silence_threshold=job.settings.silence_threshold,
-            )
-            status.append(OK)
-            messages.append("")
-        except AudioError as exc:
-            status.append(exc.reason)
-            messages.append(str(exc))
-            failures.append((clip.clip_id, exc.reason, str(exc)))
+        reason, message = (UNKNOWN_LABEL, rejected) if rejected is not None else (OK, "")
+        if rejected is None:
+            try:
+                waves[i], _info = audio_io.load_clip(
+                    _encoded(clip),
+                    sample_rate=job.sample_rate,
+                    clip_samples=job.clip_samples,
+                    start=clip.start,
+                    end=clip.end,
+                    min_seconds=job.settings.min_seconds,
+                    silence_threshold=job.settings.silence_threshold,
+                )
+            except AudioError as exc:
+                reason, message = exc.reason, str(exc)
+        status.append(reason)
+        messages.append(message)
+        if reason != OK:
+            failures.append((clip.clip_id, reason, message))
     WaveformStore.open(job.store, mode="r+").write_shard(job.shard, waves, status, messages)
     return ShardResult(job.shard, tuple(failures))
 
