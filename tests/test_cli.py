@@ -1,0 +1,84 @@
+"""The CLI as a user meets it: the demo, then status, run, prepare, config show and cache ls/gc."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "kdpipe-demo"
+    output = invoke("demo", "--out", str(out))
+    assert "prepare: 320 clips decoded, none skipped" in output
+    return out / "demo.yaml"
+
+
+def test_demo_leaves_every_stage_fresh_and_rerun_is_cached(demo):
+    assert re.search(r"prepare\s+│\s+fresh", invoke("status", "--config", str(demo)))
+    assert "prepare: cached" in invoke("run", "--config", str(demo))
+    again = invoke("demo", "--out", str(demo.parent))
+    assert "prepare: cached" in again and "wrote" not in again
+
+
+def test_status_explains_a_change_and_prepare_rebuilds(demo):
+    status = invoke("status", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
+    assert "stale" in status and "prepare.min_seconds: 0.5 -> 0.6" in status
+    output = invoke("prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
+    assert "prepare: building" in output and output.strip().endswith("waveforms.zarr")
+    listing = invoke("cache", "ls", "--config", str(demo))
+    assert listing.count("complete") == 2
+    dry = invoke("cache", "gc", "--config", str(demo), "--dry-run")
+    assert dry.count("would remove prepare/") == 1
+    assert invoke("cache", "ls", "--config", str(demo)).count("complete") == 2
+    invoke("cache", "gc", "--config", str(demo))
+    assert invoke("cache", "ls", "--config", str(demo)).count("complete") == 1
+    assert re.search(r"prepare\s+│\s+fresh", invoke("status", "--config", str(demo)))  # the 0.6 build went
+
+
+def test_force_rebuilds_a_fresh_stage(demo):
+    output = invoke("prepare", "--config", str(demo), "--force")
+    assert "discarding previous build" in output and "done in" in output
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    for args in (["status", "--config", str(tmp_path / "nope.yaml")],
+                 ["prepare", "--set", "data.sample_rate=fast"],
+                 ["status", "--set", f"data.sources.0.path={tmp_path / 'missing.csv'}"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "error:" in result.output
+
+
+def test_empty_sources_is_a_clear_failure(tmp_path):
+    result = runner.invoke(app, ["prepare", "--set", f"cache_dir={tmp_path}"])
+    assert result.exit_code == 1 and "data.sources is empty" in result.output
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "extract" not in result.stderr and "demo" in result.stdout
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    demo_command, test_command = blocks[0].strip(), blocks[1].strip()
+    assert demo_command.endswith("kdpipe demo") and "pip install ." in demo_command
+    assert readme.index(demo_command) < 300
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] != "#"]
+    assert ci_lines[-1] == test_command
