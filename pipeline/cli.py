@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
+from pipeline import __version__
 from pipeline import config as config_module
 from pipeline import console
 from pipeline.config import Config, load_config
@@ -83,8 +84,16 @@ def make_pipeline(config: Config) -> Pipeline:
     return Pipeline(PIPELINE, config)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.out.print(f"kdpipe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say more.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")] = False,
 ) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig, SourceConfig
 from pipeline.errors import KdpipeError
+from pipeline.hdf5_source import read_hdf5_index
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".webm")
 LABEL_SEPARATOR = ";"
@@ -136,8 +137,6 @@ def _ytid_of(stem: str) -> str:
 
 
 def read_hdf5_source(path: Path, classes: ClassList, split: str) -> list[Clip]:
-    from pipeline.hdf5_source import read_hdf5_index
-
     clips = []
     for entry in read_hdf5_index(path, num_classes=len(classes)):
         labels = tuple(classes.mids[i] for i in entry.target.nonzero()[0])
