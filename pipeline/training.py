@@ -1,0 +1,153 @@
+"""Training pieces shared by every trained stage: device, schedule, mixup, prediction, the epoch loop.
+
+A stage supplies the model, its frontend and a loss over (logits, rows, mixup);
+this module runs epochs from the waveform store, evaluates mAP on the eval
+split after each one, and keeps `best.pt` / `last.pt` plain state dicts and a
+`metrics.jsonl` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import console
+from pipeline.loader import batch_loader, sequential_batches
+from pipeline.metrics import tagging_metrics
+from pipeline.waveform_store import WaveformStore
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` means the first GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_multiplier(epoch: int, warmup_epochs: int, rampdown_start: int, rampdown_epochs: int,
+                  last_value: float) -> float:
+    """EfficientAT's schedule: exponential warm-up, plateau, linear decay to `last_value`, then flat."""
+    if epoch < warmup_epochs:
+        progress = max(epoch, 0.5) / warmup_epochs
+        return math.exp(-5.0 * (1.0 - progress) ** 2)
+    if epoch < rampdown_start:
+        return 1.0
+    progress = min((epoch - rampdown_start) / rampdown_epochs, 1.0)
+    return 1.0 - progress * (1.0 - last_value)
+
+
+@dataclass(frozen=True)
+class Mixup:
+    """Per-sample mixing weights (the original clip dominates) and the partner permutation."""
+
+    lam: torch.Tensor  # (B,)
+    perm: torch.Tensor  # (B,)
+
+    @classmethod
+    def draw(cls, batch: int, alpha: float, rng: np.random.Generator, device: torch.device) -> Mixup:
+        lam = rng.beta(alpha, alpha, size=batch).astype(np.float32)
+        lam = np.maximum(lam, 1.0 - lam)
+        return cls(torch.from_numpy(lam).to(device), torch.from_numpy(rng.permutation(batch)).to(device))
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix a batch along dim 0 (features or targets)."""
+        lam = self.lam.view(-1, *([1] * (x.dim() - 1)))
+        return lam * x + (1.0 - lam) * x[self.perm]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, frontend: nn.Module, store_path: Path, rows: np.ndarray, batch_size: int,
+            device: torch.device, num_workers: int = 0, description: str = "predicting") -> np.ndarray:
+    """Logits (len(rows), classes) in the order of `rows`."""
+    model.eval()
+    frontend.eval()
+    batches = sequential_batches(rows, batch_size)
+    outputs = np.empty((len(rows), 0), dtype=np.float32)
+    position = {row: i for i, row in enumerate(rows.tolist())}
+    loader = batch_loader(store_path, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for waves, batch_rows in console.track(loader, len(batches), description):
+        logits = model(frontend(waves.to(device, non_blocking=True).float() / 32768.0)).float().cpu().numpy()
+        if outputs.shape[1] == 0:
+            outputs = np.empty((len(rows), logits.shape[1]), dtype=np.float32)
+        outputs[[position[r] for r in batch_rows.tolist()]] = logits
+    return outputs
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mixup | None], torch.Tensor]
+"""(logits, store rows on device, labels (B, C) float on device, mixup or None) -> scalar loss."""
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    epochs: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    warmup_epochs: int
+    rampdown_start: int
+    rampdown_epochs: int
+    last_lr_factor: float
+    mixup_alpha: float
+    eval_batch_size: int
+    num_workers: int
+    seed: int
+
+
+def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: Callable[[int], list[np.ndarray]],
+        eval_rows: np.ndarray, loss_fn: LossFn, settings: FitSettings, out_dir: Path,
+        device: torch.device) -> dict:
+    """Train for `settings.epochs`, evaluating after each; returns the best epoch's metrics."""
+    store = WaveformStore.open(store_path)
+    labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
+    eval_targets = store.column("labels")[eval_rows].astype(bool)
+    model.to(device)
+    frontend.to(device)
+    optimizer_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_multiplier(
+        e, settings.warmup_epochs, settings.rampdown_start, settings.rampdown_epochs, settings.last_lr_factor))
+    rng = np.random.default_rng([settings.seed, 1])
+    best: dict = {"mAP": -1.0}
+    metrics_file = out_dir / "metrics.jsonl"
+    for epoch in range(settings.epochs):
+        started = time.time()
+        model.train()
+        frontend.train()
+        batches = epoch_batches(epoch)
+        loader = batch_loader(store_path, batches, num_workers=settings.num_workers,
+                              pin_memory=device.type == "cuda")
+        total, count = 0.0, 0
+        for waves, rows in console.track(loader, len(batches), f"epoch {epoch + 1}/{settings.epochs}"):
+            rows = rows.to(device, non_blocking=True)
+            features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
+            mixup = Mixup.draw(len(rows), settings.mixup_alpha, rng, device) if settings.mixup_alpha else None
+            if mixup is not None:
+                features = mixup.mix(features)
+            loss = loss_fn(model(features), rows, labels[rows], mixup)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(rows)
+            count += len(rows)
+        schedule.step()
+        scores = predict(model, frontend, store_path, eval_rows, settings.eval_batch_size, device,
+                         settings.num_workers, "evaluating")
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1),
+                  **tagging_metrics(eval_targets, scores), "seconds": round(time.time() - started, 2)}
+        with open(metrics_file, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        torch.save(model.state_dict(), out_dir / "last.pt")
+        if record["mAP"] > best["mAP"]:
+            best = record
+            torch.save(model.state_dict(), out_dir / "best.pt")
+        console.info(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, eval mAP {record['mAP']:.4f}, "
+                     f"mAUC {record['mAUC']:.4f}")
+    return best
