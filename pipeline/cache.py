@@ -90,14 +90,17 @@ class StageCache:
                 handle.truncate()
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def entries(self, stages: list[str]) -> list[CacheEntry]:
+    def entries(self) -> list[CacheEntry]:
+        """Every entry ever built here, also of stages the current config no longer has.
+
+        An entry is a folder with a `<key>.lock` beside it: the runner takes that lock before building.
+        """
         found = []
-        for stage in stages:
-            folder = self.root / stage
-            if not folder.is_dir():
-                continue
-            for entry in sorted(p for p in folder.iterdir() if p.is_dir()):
-                found.append(CacheEntry(stage, entry.name, entry, (entry / RECORD).is_file()))
+        for lock in sorted(self.root.rglob("*.lock")):
+            folder = lock.with_suffix("")
+            if folder.is_dir():
+                stage = folder.parent.relative_to(self.root).as_posix()
+                found.append(CacheEntry(stage, folder.name, folder, (folder / RECORD).is_file()))
         return found
 
     def remove(self, entry: CacheEntry) -> None:

@@ -79,9 +79,9 @@ def resolve_config(path: Path | None, overrides: list[str] | None, flags: dict[s
 
 
 def make_pipeline(config: Config) -> Pipeline:
-    from stages import PIPELINE
+    from stages import build_stages
 
-    return Pipeline(PIPELINE, config)
+    return Pipeline(build_stages(config), config)
 
 
 def _print_version(value: bool) -> None:
@@ -191,11 +191,11 @@ def cache_ls(config: ConfigOption = None, set_: SetOption = None) -> None:
     pipeline = make_pipeline(resolve_config(config, set_))
     referenced = pipeline.referenced_keys()
     table = Table("stage", "key", "state", "size", "built", "current")
-    for entry in pipeline.cache.entries(list(pipeline.stages)):
+    for entry in pipeline.cache.entries():
         record = pipeline.cache.record(entry.stage, entry.key)
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["finished"])) if record else "-"
         table.add_row(entry.stage, entry.key, "complete" if entry.complete else "partial",
-                      _human_bytes(entry.size_bytes()), built, "yes" if referenced[entry.stage] == entry.key else "")
+                      _human_bytes(entry.size_bytes()), built, "yes" if referenced.get(entry.stage) == entry.key else "")
     console.out.print(table)
 
 
@@ -209,7 +209,7 @@ def cache_gc(
     """Remove cache entries that the current config no longer references."""
     pipeline = make_pipeline(resolve_config(config, set_))
     referenced = pipeline.referenced_keys()
-    stale = [e for e in pipeline.cache.entries(list(pipeline.stages)) if referenced[e.stage] != e.key]
+    stale = [e for e in pipeline.cache.entries() if referenced.get(e.stage) != e.key]
     freed = 0
     for entry in stale:
         size = entry.size_bytes()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -55,9 +55,34 @@ class PrepareConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    name: str | None = Field(None, description="unique name of this teacher; default: its arch")
     arch: str = Field(description="registry architecture, e.g. passt_s_s10")
-    checkpoint: Path | None = Field(None, description="checkpoint file; null = the train-teacher output")
+    checkpoint: Path | None = Field(None, description="weights to use; null = train it with train-teacher")
+    init: Path | None = Field(None, description="starting weights for train-teacher (fine-tuning)")
     weight: float = Field(1.0, ge=0, description="ensemble weight")
+    options: dict[str, Any] = Field(default_factory=dict, description="create_model overrides, e.g. {depth: 4}")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch
+
+
+class TeacherTrainingConfig(_Section):
+    """How train-teacher trains or fine-tunes the teachers that have no checkpoint (labels only)."""
+
+    epochs: int = Field(30, ge=1)
+    epoch_samples: int = Field(0, ge=0, description="clips per epoch; 0 = every training clip")
+    batch_size: int = Field(12, ge=1)
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(2, ge=0)
+    rampdown_start: int = Field(5, ge=0)
+    rampdown_epochs: int = Field(20, ge=1)
+    last_lr_factor: float = Field(0.01, ge=0, le=1)
+    mixup_alpha: float = Field(0.3, ge=0, description="0 = no mixup")
+    balanced_sampling: bool = Field(True, description="EfficientAT's class-balanced weighted sampling")
+    num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
 
 class ExtractConfig(_Section):
@@ -99,12 +124,22 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     teachers: list[TeacherConfig] = Field(default_factory=list)
+    teacher_training: TeacherTrainingConfig = Field(default_factory=TeacherTrainingConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     cache_dir: Path = Field(Path("kdpipe-cache"), description="where stage outputs live")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     seed: int = Field(0, ge=0)
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_teacher_names(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        labels = [teacher.label for teacher in teachers]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"names must be unique; give `name:` to the teachers called {', '.join(repeated)}")
+        return teachers
 
 
 # ------------------------------------------------------------------ YAML 1.2
@@ -189,8 +224,10 @@ def check_input_files(config: Config) -> None:
     if config.data.class_list is not None and not config.data.class_list.is_file():
         problems.append(f"data.class_list: no such file: {config.data.class_list}")
     for i, teacher in enumerate(config.teachers):
-        if teacher.checkpoint is not None and not teacher.checkpoint.is_file():
-            problems.append(f"teachers.{i}.checkpoint: no such file: {teacher.checkpoint}")
+        for key in ("checkpoint", "init"):
+            path = getattr(teacher, key)
+            if path is not None and not path.is_file():
+                problems.append(f"teachers.{i}.{key}: no such file: {path}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -234,7 +271,8 @@ def _describe(exc: ValidationError) -> str:
         elif error["type"] == "missing":
             lines.append(f"{loc}: required key is missing")
         else:
-            lines.append(f"{loc}: {error['msg']} (got {error['input']!r})")
+            shown = "" if isinstance(error["input"], (dict, list)) else f" (got {error['input']!r})"
+            lines.append(f"{loc}: {error['msg']}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

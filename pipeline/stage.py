@@ -46,6 +46,8 @@ class Stage:
     code: tuple[ModuleType | Callable[..., Any], ...]
     """Source whose edits change the outputs (hashed into the key)."""
     upstream: tuple[str, ...] = ()
+    param_values: Callable[[Config], dict[str, Any]] = field(default=lambda config: {})
+    """Further parameters by a stable label, for values whose config path is not fixed (a teacher's entry)."""
     inputs: Callable[[Config], dict[str, Path]] = field(default=lambda config: {})
     """External files the outputs depend on, by a readable label."""
     schema_version: int = 1
@@ -86,7 +88,7 @@ def key_components(
     return KeyComponents(
         stage=stage.name,
         schema_version=stage.schema_version,
-        params={name: select(plain, name) for name in stage.params},
+        params={**{name: select(plain, name) for name in stage.params}, **stage.param_values(config)},
         upstream={name: upstream_keys[name] for name in stage.upstream},
         code=source_hash(stage.code),
         inputs={label: fingerprints.sha256(path) for label, path in sorted(stage.inputs(config).items())},

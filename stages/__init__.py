@@ -1,6 +1,10 @@
-"""The pipeline's stages, in run order. Each module is thin: it composes the library."""
+"""The stages of a run, in order. Each module is thin: it composes the library."""
 
+from pipeline.config import Config
 from pipeline.stage import Stage
 from stages import prepare
 
-PIPELINE: list[Stage] = [prepare.STAGE]
+
+def build_stages(config: Config) -> list[Stage]:
+    """Every stage the config asks for, upstream first."""
+    return [prepare.STAGE]

@@ -9,7 +9,7 @@ from pipeline.loader import batch_loader, class_balanced_weights, sequential_bat
 from pipeline.runner import Pipeline
 from pipeline.training import Mixup, lr_multiplier
 from pipeline.waveform_store import WaveformStore
-from stages import PIPELINE
+from stages import build_stages
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def store_path(small_demo, tmp_path_factory):
     config = load_config(None, [f"cache_dir={tmp_path_factory.mktemp('cache')}",
                                 f"data.sources.0.path={small_demo.manifest}", f"data.class_list={small_demo.class_list}",
                                 "data.clip_seconds=1.0", "prepare.workers=1", "prepare.shard_clips=5"])
-    return Pipeline(PIPELINE, config).ensure("prepare") / "waveforms.zarr"
+    return Pipeline(build_stages(config), config).ensure("prepare") / "waveforms.zarr"
 
 
 @pytest.mark.parametrize("workers", [0, 2])

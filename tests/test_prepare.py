@@ -19,7 +19,7 @@ from pipeline.errors import KdpipeError
 from pipeline.manifests import read_class_list
 from pipeline.runner import Pipeline
 from pipeline.waveform_store import WaveformStore
-from stages import PIPELINE
+from stages import build_stages
 
 SR = 32000
 
@@ -30,7 +30,8 @@ def make_pipeline(manifest: Path, class_list: Path | None, cache: Path, *overrid
             *overrides]
     if class_list is not None:
         sets.append(f"data.class_list={class_list}")
-    return Pipeline(PIPELINE, load_config(None, sets))
+    config = load_config(None, sets)
+    return Pipeline(build_stages(config), config)
 
 
 def prepared_store(pipeline: Pipeline) -> WaveformStore:
@@ -170,7 +171,7 @@ def test_hdf5_source(small_demo, tmp_path, audioset_metadata):
     config = load_config(None, [f"cache_dir={tmp_path / 'cache'}", f"data.class_list={audioset_metadata}/"
                                 "class_labels_indices.csv", "data.clip_seconds=1.0", "prepare.workers=1"],
                          {"data.sources": [{"format": "hdf5", "path": str(hdf5), "split": "eval"}]})
-    store = WaveformStore.open(Pipeline(PIPELINE, config).ensure("prepare") / "waveforms.zarr")
+    store = WaveformStore.open(Pipeline(build_stages(config), config).ensure("prepare") / "waveforms.zarr")
     assert store.column("clip_id").tolist() == ["--4gqARaEJE", "-0RWZT-miFs", "Y0123456789"]
     assert (store.column("status") == "ok").all() and len(store.classes) == 527
     assert [np.flatnonzero(row).tolist() for row in store.column("labels")] == [[0, 100], [1, 101], [2, 102]]
@@ -190,7 +191,7 @@ def test_audioset_source_reports_undownloaded_clips_as_missing(tmp_path, audiose
                                 "class_labels_indices.csv", "prepare.workers=1"],
                          {"data.sources": [{"format": "audioset", "path": str(segments), "audio_dir": str(audio),
                                             "split": "eval"}]})
-    store = WaveformStore.open(Pipeline(PIPELINE, config).ensure("prepare") / "waveforms.zarr")
+    store = WaveformStore.open(Pipeline(build_stages(config), config).ensure("prepare") / "waveforms.zarr")
     assert store.column("status").tolist() == ["ok", "ok", "missing", "missing", "missing"]
     assert store.waveform.shape == (5, 320000)
 
