@@ -111,6 +111,30 @@ def prepare(config: ConfigOption = None, set_: SetOption = None, force: ForceOpt
     console.out.print(str(out / "waveforms.zarr"))
 
 
+@app.command("train-teacher")
+@user_errors
+def train_teacher(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", help="Teacher name (repeatable); "
+                                                       "default: every teacher without a checkpoint.")] = None,
+    force: ForceOption = False,
+    no_wait: NoWaitOption = False,
+) -> None:
+    """Train or fine-tune teachers on the prepared store with labels only; keeps the best epoch."""
+    from stages.train_teacher import PREFIX
+
+    pipeline = make_pipeline(resolve_config(config, set_))
+    trainable = [name.removeprefix(PREFIX) for name in pipeline.stages if name.startswith(PREFIX)]
+    unknown = sorted(set(teacher or ()) - set(trainable))
+    if unknown:
+        raise KdpipeError(f"no trainable teacher named {', '.join(unknown)}; teachers without a checkpoint: "
+                          f"{', '.join(trainable) or 'none'}")
+    for name in teacher or trainable:
+        out = pipeline.ensure(PREFIX + name, force=force, wait=not no_wait)
+        console.out.print(str(out / "best.pt"))
+
+
 @app.command()
 @user_errors
 def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
@@ -164,6 +188,26 @@ def demo(
         pipeline.ensure(name, force=force)
     console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
     console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")
+
+
+@app.command("models")
+@user_errors
+def models_command(
+    seconds: Annotated[float, typer.Option(help="Clip length the MACs are counted for.")] = 10.0,
+) -> None:
+    """Every registered model with its parameters and MACs for one clip (shapes only, no weights)."""
+    import torch
+
+    from pipeline.models import create_model, list_models
+    from pipeline.models.complexity import describe
+
+    table = Table("name", "parameters", f"MACs ({seconds:g} s)", "input (mel x frames)", "frontend")
+    for name in list_models():
+        with torch.device("meta"):
+            info = describe(create_model(name), seconds)
+        table.add_row(name, f"{info['parameters'] / 1e6:.3f} M", f"{info['macs'] / 1e9:.3f} G",
+                      " x ".join(map(str, info["input"])), info["frontend"])
+    console.out.print(table)
 
 
 # ----------------------------------------------------------------- config

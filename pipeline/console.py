@@ -4,6 +4,7 @@ Messages and progress go to stderr so that stdout carries only results
 (tables, YAML) that users may pipe elsewhere.
 """
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -13,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# Piped results (tables included) are not wrapped at 80 columns: scripts and logs read them whole.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 _verbosity = 1  # 0 quiet, 1 normal, 2 verbose
 

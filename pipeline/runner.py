@@ -35,6 +35,7 @@ class Pipeline:
         self.cache = StageCache(config.cache_dir)
         self.fingerprints = FingerprintDB(config.cache_dir / "fingerprints.json")
         self._components: dict[str, KeyComponents] = {}
+        self._ensured: dict[str, Path] = {}
 
     def stage(self, name: str) -> Stage:
         if name not in self.stages:
@@ -66,6 +67,12 @@ class Pipeline:
 
     def ensure(self, name: str, *, force: bool = False, wait: bool = True) -> Path:
         """Bring `name`'s upstream stages up to date, then build `name` unless it is cached (or forced)."""
+        if name in self._ensured and not force:
+            return self._ensured[name]
+        self._ensured[name] = self._ensure(name, force, wait)
+        return self._ensured[name]
+
+    def _ensure(self, name: str, force: bool, wait: bool) -> Path:
         stage = self.stage(name)
         upstream = {up: self.ensure(up, wait=wait) for up in stage.upstream}
         key = self.key(name)

@@ -135,7 +135,7 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
             count += len(rows)
         schedule.step()
         scores = predict(model, frontend, store_path, eval_rows, settings.eval_batch_size, device,

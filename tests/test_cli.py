@@ -23,30 +23,38 @@ def invoke(*args: str) -> str:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "kdpipe-demo"
-    output = invoke("demo", "--out", str(out))
+    output = invoke("demo", "--out", str(out), "--set", "teacher_training.epochs=1")
     assert "prepare: 320 clips decoded, none skipped" in output
+    assert "train-teacher/passt_tiny: done" in output and "train-teacher/ast_tiny: done" in output
     return out / "demo.yaml"
 
 
 def test_demo_leaves_every_stage_fresh_and_rerun_is_cached(demo):
-    assert re.search(r"prepare\s+│\s+fresh", invoke("status", "--config", str(demo)))
-    assert "prepare: cached" in invoke("run", "--config", str(demo))
-    again = invoke("demo", "--out", str(demo.parent))
-    assert "prepare: cached" in again and "wrote" not in again
+    status = invoke("status", "--config", str(demo))
+    for stage in ("prepare", "train-teacher/passt_tiny", "train-teacher/ast_tiny"):
+        assert re.search(rf"{stage}\s+│\s+fresh", status), status
+    assert invoke("run", "--config", str(demo)).count(": cached") == 3
+    again = invoke("demo", "--out", str(demo.parent), "--set", "teacher_training.epochs=1")
+    assert again.count(": cached") == 3 and "wrote" not in again
+
+
+def prepare_entries(listing: str) -> int:
+    return sum(1 for line in listing.splitlines() if line.startswith("│ prepare ") and "complete" in line)
 
 
 def test_status_explains_a_change_and_prepare_rebuilds(demo):
     status = invoke("status", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "stale" in status and "prepare.min_seconds: 0.5 -> 0.6" in status
+    assert status.count("upstream prepare changed") == 2
     output = invoke("prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "prepare: building" in output and output.strip().endswith("waveforms.zarr")
     listing = invoke("cache", "ls", "--config", str(demo))
-    assert listing.count("complete") == 2
+    assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 2
     dry = invoke("cache", "gc", "--config", str(demo), "--dry-run")
-    assert dry.count("would remove prepare/") == 1
-    assert invoke("cache", "ls", "--config", str(demo)).count("complete") == 2
+    assert dry.count("would remove prepare/") == 1 and "would remove train" not in dry
+    assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 2
     invoke("cache", "gc", "--config", str(demo))
-    assert invoke("cache", "ls", "--config", str(demo)).count("complete") == 1
+    assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 1
     assert re.search(r"prepare\s+│\s+fresh", invoke("status", "--config", str(demo)))  # the 0.6 build went
 
 

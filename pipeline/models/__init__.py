@@ -1,1 +1,121 @@
-"""Model families and the registry."""
+"""Model families and the registry: one name space for students and teachers.
+
+`create_model(name, **overrides)` builds any registered model as a plain
+`nn.Module` whose state-dict keys match the published checkpoints;
+`load_checkpoint(model, path)` loads one strictly and explains a mismatch;
+`create_model(name, checkpoint=path)` reads the input geometry (stride, time
+length) of transformer checkpoints from their positional embeddings instead of
+trusting the file name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import KdpipeError
+from pipeline.models.ast import AST, AST_CONFIGS, infer_ast_config
+from pipeline.models.mobilenet import NAME_TO_WIDTH, MobileNetV3
+from pipeline.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
+
+# Each entry is the class with its preset keyword arguments; any of them can be overridden.
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    **{name: partial(MobileNetV3, width=width) for name, width in NAME_TO_WIDTH.items()},
+    "mobilenetv3": MobileNetV3,
+    "mn_tiny": partial(MobileNetV3, width=0.1),
+    **{name: partial(PaSST, **config) for name, config in PASST_CONFIGS.items()},
+    **{name: partial(AST, **config) for name, config in AST_CONFIGS.items()},
+}
+
+_INFER: dict[type, Callable[[dict[str, torch.Tensor]], dict[str, Any]]] = {
+    PaSST: infer_passt_config,
+    AST: infer_ast_config,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def create_model(name: str, checkpoint: Path | None = None, **overrides: Any) -> nn.Module:
+    """Build model `name`; with `checkpoint`, size it from the file's shapes and load it strictly."""
+    if name not in _FACTORIES:
+        close = difflib.get_close_matches(name, _FACTORIES, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
+        raise KdpipeError(f"unknown model {name!r}{hint}")
+    if checkpoint is None:
+        return _FACTORIES[name](**overrides)
+    state = read_state_dict(checkpoint)
+    model = _FACTORIES[name](**overrides)
+    infer = _INFER.get(type(model))
+    if infer is not None:
+        inferred = infer(state)
+        inferred.update(overrides)
+        model = _FACTORIES[name](**inferred)
+    _load_strict(model, state, checkpoint)
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, `module.` (DataParallel) prefixes stripped; loaded with weights_only=True."""
+    if not Path(path).is_file():
+        raise KdpipeError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise KdpipeError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KdpipeError(f"{path}: expected a state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
+    """Load `path` into `model` strictly; on mismatch, say which keys and the likely cause."""
+    _load_strict(model, read_state_dict(path), path)
+    return model
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or misshaped:
+        raise KdpipeError(_mismatch_message(model, state, path, missing, unexpected, misshaped))
+    model.load_state_dict(state, strict=True)
+
+
+def _mismatch_message(model: nn.Module, state: dict[str, torch.Tensor], path: Path, missing: list[str],
+                      unexpected: list[str], misshaped: list[str]) -> str:
+    expected = model.state_dict()
+    lines = [f"{path} does not match {type(model).__name__}:"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            lines.append(f"  {len(keys)} {title} key(s): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    for key in misshaped[:6]:
+        lines.append(f"  {key}: checkpoint {tuple(state[key].shape)}, model {tuple(expected[key].shape)}")
+    lines.append(f"  likely cause: {_likely_cause(model, state, misshaped)}")
+    return "\n".join(lines)
+
+
+def _likely_cause(model: nn.Module, state: dict[str, torch.Tensor], misshaped: list[str]) -> str:
+    head = [k for k in misshaped if k.startswith(("classifier", "head", "mlp_head"))]
+    if isinstance(model, MobileNetV3) and "features.0.0.weight" in state:
+        last = state.get(f"features.{len(model.features) - 1}.0.weight")
+        if last is not None and last.shape[0] != model.embedding_dim:
+            return (f"a different width: the checkpoint's last conv has {last.shape[0]} channels "
+                    f"(width {last.shape[0] / 960:g}), the model {model.embedding_dim} (width {model.width:g})")
+    infer = _INFER.get(type(model))
+    if infer is not None and any("pos_embed" in k for k in misshaped):
+        return f"a different stride or input length; the checkpoint's positional embeddings imply {infer(state)}"
+    if head and len(head) == len(misshaped):
+        return "a different number of classes (pass num_classes=...)"
+    return "a checkpoint of another architecture or head type"

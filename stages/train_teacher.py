@@ -1,0 +1,93 @@
+"""Stage `train-teacher/<name>`: train or fine-tune one teacher on the prepared store, labels only.
+
+One stage per teacher entry without a `checkpoint`. Inputs: the prepare
+stage's store and the optional `init` weights. Parameters: the teacher's entry,
+`teacher_training.*` (except loader workers), `evaluation.split` and `seed`.
+Outputs: `best.pt` (the epoch with the best eval mAP, a plain state dict that
+`load_checkpoint` and extract-teachers read), `last.pt`, `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import frontends, loader, models, training
+from pipeline.models import ast, mobilenet, passt
+from pipeline.config import Config, TeacherConfig, to_plain
+from pipeline.errors import KdpipeError
+from pipeline.models import create_model, load_checkpoint
+from pipeline.stage import Stage, StageContext
+from pipeline.training import FitSettings, Mixup
+from pipeline.waveform_store import WaveformStore
+
+PREFIX = "train-teacher/"
+
+
+def stage_name(teacher: TeacherConfig) -> str:
+    return PREFIX + teacher.label
+
+
+def build_teacher(teacher: TeacherConfig, num_classes: int) -> torch.nn.Module:
+    """The teacher's architecture with the run's class count, started from `init` when given."""
+    model = create_model(teacher.arch, **{"num_classes": num_classes, **teacher.options})
+    if teacher.init is not None:
+        load_checkpoint(model, teacher.init)
+    return model
+
+
+def label_loss(logits: torch.Tensor, _rows: torch.Tensor, labels: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
+    """BCE against the labels, mixed like the inputs under mixup."""
+    return F.binary_cross_entropy_with_logits(logits, mixup.mix(labels) if mixup else labels)
+
+
+def run_for(teacher: TeacherConfig):
+    def run(ctx: StageContext) -> dict[str, Any]:
+        config = ctx.config
+        settings = config.teacher_training
+        store_path = ctx.upstream["prepare"] / "waveforms.zarr"
+        store = WaveformStore.open(store_path)
+        train_rows, eval_rows = store.rows("train"), store.rows(config.evaluation.split)
+        if len(train_rows) == 0 or len(eval_rows) == 0:
+            raise KdpipeError(f"train-teacher needs clips in the 'train' and '{config.evaluation.split}' splits; "
+                              f"the store has {len(train_rows)} and {len(eval_rows)}")
+        model = build_teacher(teacher, len(store.classes))
+        frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
+        labels = store.column("labels")[train_rows]
+        weights = loader.class_balanced_weights(labels) if settings.balanced_sampling else np.ones(len(train_rows))
+        per_epoch = settings.epoch_samples or len(train_rows)
+
+        def epoch_batches(epoch: int) -> list[np.ndarray]:
+            rng = np.random.default_rng([config.seed, epoch])
+            return loader.weighted_batches(train_rows, weights, per_epoch, settings.batch_size, rng)
+
+        torch.manual_seed(config.seed)
+        best = training.fit(model, frontend, store_path, epoch_batches, eval_rows, label_loss, FitSettings(
+            epochs=settings.epochs, lr=settings.lr, optimizer=settings.optimizer,
+            weight_decay=settings.weight_decay, warmup_epochs=settings.warmup_epochs,
+            rampdown_start=settings.rampdown_start, rampdown_epochs=settings.rampdown_epochs,
+            last_lr_factor=settings.last_lr_factor, mixup_alpha=settings.mixup_alpha,
+            eval_batch_size=config.evaluation.batch_size, num_workers=settings.num_workers, seed=config.seed,
+        ), ctx.out_dir, training.resolve_device(config.device))
+        return {"arch": teacher.arch, "best_epoch": best["epoch"], "mAP": best["mAP"], "mAUC": best["mAUC"],
+                "d_prime": best["d_prime"], "parameters": sum(p.numel() for p in model.parameters())}
+
+    return run
+
+
+def stage_for(teacher: TeacherConfig) -> Stage:
+    training_keys = [key for key in to_plain(Config().teacher_training) if key != "num_workers"]
+    return Stage(
+        name=stage_name(teacher),
+        params=(*(f"teacher_training.{key}" for key in training_keys), "evaluation.split", "seed"),
+        param_values=lambda config: {"teacher": teacher.model_dump(mode="json", exclude={"weight"})},
+        outputs=("best.pt", "last.pt", "metrics.jsonl"),
+        run=run_for(teacher),
+        code=(sys.modules[__name__], training, loader, frontends, models, mobilenet, passt, ast),
+        upstream=("prepare",),
+        inputs=lambda config: {"init": teacher.init} if teacher.init else {},
+    )

@@ -1,0 +1,70 @@
+"""The train-teacher stage: trains on the store, keeps the best epoch, caches per teacher."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+from pipeline.frontends import build_frontend
+from pipeline.models import create_model, load_checkpoint
+from pipeline.runner import Pipeline
+from pipeline.waveform_store import WaveformStore
+from stages import build_stages
+
+
+def settings(small_demo, cache, *extra):
+    return [f"cache_dir={cache}", f"data.sources.0.path={small_demo.manifest}",
+            f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0", "prepare.workers=1",
+            "teachers.0.arch=passt_tiny", "teachers.1.arch=ast_tiny", "teachers.1.name=ast",
+            "teacher_training.epochs=2", "teacher_training.batch_size=4", "teacher_training.num_workers=0",
+            "teacher_training.mixup_alpha=0.3", *extra]
+
+
+def make(small_demo, cache, *extra) -> Pipeline:
+    config = load_config(None, settings(small_demo, cache, *extra))
+    return Pipeline(build_stages(config), config)
+
+
+def test_best_checkpoint_reproduces_the_recorded_map(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path)
+    assert list(pipeline.stages) == ["prepare", "train-teacher/passt_tiny", "train-teacher/ast"]
+    out = pipeline.ensure("train-teacher/ast")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    best = max(lines, key=lambda line: line["mAP"])
+    record = pipeline.cache.record("train-teacher/ast", pipeline.key("train-teacher/ast"))
+    assert record["summary"]["mAP"] == best["mAP"] and record["summary"]["arch"] == "ast_tiny"
+    # an independent path: load best.pt, run it by hand, score with scikit-learn
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    model = load_checkpoint(create_model("ast_tiny", num_classes=len(store.classes)), out / "best.pt").eval()
+    frontend = build_frontend(model.frontend_config, store.sample_rate).eval()
+    rows = store.rows("eval")
+    with torch.no_grad():
+        scores = model(frontend(torch.from_numpy(store.read(rows)).float() / 32768)).numpy()
+    targets = store.column("labels")[rows]
+    keep = targets.any(axis=0)
+    assert average_precision_score(targets[:, keep], scores[:, keep]) == pytest.approx(best["mAP"], abs=1e-5)
+
+
+def test_each_teacher_is_cached_on_its_own(small_demo, tmp_path):
+    make(small_demo, tmp_path).ensure("train-teacher/passt_tiny")
+    changed = make(small_demo, tmp_path, "teachers.0.options.depth=1")
+    assert changed.status("prepare").state == "fresh"
+    assert changed.status("train-teacher/passt_tiny").reasons == ("teacher.options.depth: <unset> -> 1",)
+    assert changed.status("train-teacher/ast").state == "missing"
+    reweighted = make(small_demo, tmp_path, "teachers.0.weight=0.5")  # the ensemble's business, not training's
+    assert reweighted.status("train-teacher/passt_tiny").state == "fresh"
+    with_checkpoint = load_config(None, settings(small_demo, tmp_path, f"teachers.1.checkpoint={small_demo.manifest}"))
+    assert [s.name for s in build_stages(with_checkpoint)] == ["prepare", "train-teacher/passt_tiny"]
+
+
+def test_cli_rejects_an_unknown_teacher(small_demo, tmp_path):
+    args = ["train-teacher", "--teacher", "passt"] + [f"--set={item}" for item in settings(small_demo, tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "no trainable teacher named passt" in result.output
+    assert "passt_tiny, ast" in result.output
