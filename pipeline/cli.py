@@ -135,6 +135,20 @@ def train_teacher(
         console.out.print(str(out / "best.pt"))
 
 
+@app.command("extract-teachers")
+@user_errors
+def extract_teachers(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+                     no_wait: NoWaitOption = False) -> None:
+    """Stage one: run every teacher over every clip once; store their logits and the ensemble (Zarr)."""
+    from stages.extract_teachers import NAME
+
+    pipeline = make_pipeline(resolve_config(config, set_))
+    if NAME not in pipeline.stages:
+        raise KdpipeError("teachers is empty: list at least one teacher (arch and checkpoint) in the config")
+    out = pipeline.ensure(NAME, force=force, wait=not no_wait)
+    console.out.print(str(out / "teachers.zarr"))
+
+
 @app.command()
 @user_errors
 def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,

@@ -61,6 +61,7 @@ class TeacherConfig(_Section):
     init: Path | None = Field(None, description="starting weights for train-teacher (fine-tuning)")
     weight: float = Field(1.0, ge=0, description="ensemble weight")
     options: dict[str, Any] = Field(default_factory=dict, description="create_model overrides, e.g. {depth: 4}")
+    frontend: dict[str, Any] = Field(default_factory=dict, description="frontend overrides, e.g. {fmax: 14000}")
 
     @property
     def label(self) -> str:
@@ -86,12 +87,14 @@ class TeacherTrainingConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    batch_size: int = Field(32, ge=1)
-    dtype: Literal["float16", "float32"] = "float16"
-    chunk_clips: int = Field(4096, ge=1, description="clips per logits chunk (the unit of resume)")
+    batch_size: int = Field(64, ge=1, description="clips per forward pass; halves itself on out-of-memory")
+    dtype: Literal["float16", "float32"] = Field("float16", description="stored logits")
+    chunk_clips: int = Field(4096, ge=1, description="clips per logits chunk: one write, the unit of resume")
     ensemble: Literal["logits", "probabilities"] = Field("logits", description="average logits or probabilities")
     engine: Literal["local", "dask"] = "local"
-    scheduler: str | None = Field(None, description="dask scheduler address; null = a LocalCluster")
+    scheduler: str | None = Field(None, description="dask scheduler address; null = a local cluster")
+    dask_workers: int = Field(0, ge=0, description="local cluster workers; 0 = one per GPU (2 on a CPU)")
+    num_workers: int = Field(2, ge=0, description="local engine: loader processes prefetching audio")
 
 
 class KDConfig(_Section):

@@ -2,12 +2,18 @@
 
 from pipeline.config import Config
 from pipeline.stage import Stage
-from stages import prepare, train_teacher
+from stages import extract_teachers, prepare, train_teacher
 
 
 def build_stages(config: Config) -> list[Stage]:
-    """Every stage the config asks for, upstream first: one train-teacher per teacher without a checkpoint."""
-    return [
-        prepare.STAGE,
-        *(train_teacher.stage_for(teacher) for teacher in config.teachers if teacher.checkpoint is None),
-    ]
+    """Every stage the config asks for, upstream first.
+
+    One train-teacher per teacher without a checkpoint, one extract per teacher,
+    and the ensemble over all of them.
+    """
+    stages = [prepare.STAGE]
+    stages += [train_teacher.stage_for(t) for t in config.teachers if t.checkpoint is None]
+    stages += [extract_teachers.teacher_stage(t) for t in config.teachers]
+    if config.teachers:
+        stages.append(extract_teachers.ensemble_stage(config))
+    return stages

@@ -55,6 +55,7 @@ def run_for(teacher: TeacherConfig):
         if len(train_rows) == 0 or len(eval_rows) == 0:
             raise KdpipeError(f"train-teacher needs clips in the 'train' and '{config.evaluation.split}' splits; "
                               f"the store has {len(train_rows)} and {len(eval_rows)}")
+        torch.manual_seed(config.seed)  # the initial weights too: a rerun trains the same teacher
         model = build_teacher(teacher, len(store.classes))
         frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
         labels = store.column("labels")[train_rows]
@@ -65,7 +66,6 @@ def run_for(teacher: TeacherConfig):
             rng = np.random.default_rng([config.seed, epoch])
             return loader.weighted_batches(train_rows, weights, per_epoch, settings.batch_size, rng)
 
-        torch.manual_seed(config.seed)
         best = training.fit(model, frontend, store_path, epoch_batches, eval_rows, label_loss, FitSettings(
             epochs=settings.epochs, lr=settings.lr, optimizer=settings.optimizer,
             weight_decay=settings.weight_decay, warmup_epochs=settings.warmup_epochs,

@@ -26,16 +26,19 @@ def demo(tmp_path_factory) -> Path:
     output = invoke("demo", "--out", str(out), "--set", "teacher_training.epochs=1")
     assert "prepare: 320 clips decoded, none skipped" in output
     assert "train-teacher/passt_tiny: done" in output and "train-teacher/ast_tiny: done" in output
+    assert "extract-teachers: done" in output and re.search(r"ensemble\s+mAP 0\.\d{4}", output)
     return out / "demo.yaml"
 
 
 def test_demo_leaves_every_stage_fresh_and_rerun_is_cached(demo):
     status = invoke("status", "--config", str(demo))
-    for stage in ("prepare", "train-teacher/passt_tiny", "train-teacher/ast_tiny"):
+    stages = ("prepare", "train-teacher/passt_tiny", "train-teacher/ast_tiny", "extract/passt_tiny",
+              "extract/ast_tiny", "extract-teachers")
+    for stage in stages:
         assert re.search(rf"{stage}\s+│\s+fresh", status), status
-    assert invoke("run", "--config", str(demo)).count(": cached") == 3
+    assert invoke("run", "--config", str(demo)).count(": cached") == len(stages)
     again = invoke("demo", "--out", str(demo.parent), "--set", "teacher_training.epochs=1")
-    assert again.count(": cached") == 3 and "wrote" not in again
+    assert again.count(": cached") == len(stages) and "wrote" not in again
 
 
 def prepare_entries(listing: str) -> int:
@@ -45,7 +48,7 @@ def prepare_entries(listing: str) -> int:
 def test_status_explains_a_change_and_prepare_rebuilds(demo):
     status = invoke("status", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "stale" in status and "prepare.min_seconds: 0.5 -> 0.6" in status
-    assert status.count("upstream prepare changed") == 2
+    assert status.count("upstream prepare changed") == 5  # 2 train-teacher, 2 extract, extract-teachers
     output = invoke("prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "prepare: building" in output and output.strip().endswith("waveforms.zarr")
     listing = invoke("cache", "ls", "--config", str(demo))

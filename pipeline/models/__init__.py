@@ -33,10 +33,18 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     **{name: partial(AST, **config) for name, config in AST_CONFIGS.items()},
 }
 
-_INFER: dict[type, Callable[[dict[str, torch.Tensor]], dict[str, Any]]] = {
-    PaSST: infer_passt_config,
-    AST: infer_ast_config,
+# Constructor arguments read off a checkpoint's shapes, given the model its name builds (for the input size).
+_INFER: dict[type, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, Any]]] = {
+    PaSST: lambda state, model: infer_passt_config(state, input_fdim=model.frontend_config["n_mels"]),
+    AST: lambda state, model: infer_ast_config(state, input_fdim=model.frontend_config["n_mels"],
+                                               input_tdim=model.frontend_config["target_frames"]),
+    MobileNetV3: lambda state, model: {"num_classes": _mobilenet_classes(state)},
 }
+
+
+def _mobilenet_classes(state: dict[str, torch.Tensor]) -> int:
+    """The output width of the head's last layer (state dicts keep module order)."""
+    return [v for k, v in state.items() if k.startswith("classifier.") and k.endswith("weight")][-1].shape[0]
 
 
 def list_models() -> list[str]:
@@ -55,7 +63,7 @@ def create_model(name: str, checkpoint: Path | None = None, **overrides: Any) ->
     model = _FACTORIES[name](**overrides)
     infer = _INFER.get(type(model))
     if infer is not None:
-        inferred = infer(state)
+        inferred = infer(state, model)
         inferred.update(overrides)
         model = _FACTORIES[name](**inferred)
     _load_strict(model, state, checkpoint)
@@ -115,7 +123,11 @@ def _likely_cause(model: nn.Module, state: dict[str, torch.Tensor], misshaped: l
                     f"(width {last.shape[0] / 960:g}), the model {model.embedding_dim} (width {model.width:g})")
     infer = _INFER.get(type(model))
     if infer is not None and any("pos_embed" in k for k in misshaped):
-        return f"a different stride or input length; the checkpoint's positional embeddings imply {infer(state)}"
+        try:
+            implied = f"imply {infer(state, model)}"
+        except ValueError as exc:
+            implied = f"do not fit this input size ({exc})"
+        return f"a different stride or input length; the checkpoint's positional embeddings {implied}"
     if head and len(head) == len(misshaped):
         return "a different number of classes (pass num_classes=...)"
     return "a checkpoint of another architecture or head type"

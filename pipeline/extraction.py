@@ -1,0 +1,142 @@
+"""Run one teacher over the waveform store, chunk by chunk, as fast as the device allows.
+
+Batches are read by prefetching loader processes into pinned memory while the
+model computes; features are computed on the device; inference runs under
+`torch.inference_mode` with bf16 autocast on CUDA. A batch that runs out of
+device memory is split in halves (and later batches with it). Batches never
+straddle a chunk, so a chunk's logits do not depend on which chunks ran before:
+a resumed or distributed extraction writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import console
+from pipeline.errors import KdpipeError
+from pipeline.frontends import build_frontend
+from pipeline.loader import batch_loader, sequential_batches
+from pipeline.logits_store import TeacherLogits
+from pipeline.models import create_model
+from pipeline.models.passt import windowed_forward
+from pipeline.waveform_store import WaveformStore
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything a (possibly remote) worker needs to build one teacher; picklable."""
+
+    name: str
+    arch: str
+    checkpoint: Path
+    options: dict[str, Any] = field(default_factory=dict)
+    frontend: dict[str, Any] = field(default_factory=dict)
+
+
+class Teacher:
+    """A loaded teacher and its frontend on one device."""
+
+    def __init__(self, spec: TeacherSpec, store_sample_rate: int, device: torch.device, batch_size: int):
+        self.spec = spec
+        self.device = device
+        self.model: nn.Module = create_model(spec.arch, checkpoint=spec.checkpoint, **spec.options).eval().to(device)
+        self.frontend = build_frontend({**self.model.frontend_config, **spec.frontend}, store_sample_rate)
+        self.frontend.eval().to(device)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def logits(self, waves: torch.Tensor) -> torch.Tensor:
+        """float32 logits for an int16 batch; halves the batch on out-of-memory and remembers it."""
+        if len(waves) > self.batch_size:
+            return torch.cat([self.logits(part) for part in waves.split(self.batch_size)])
+        try:
+            return self._forward(waves)
+        except torch.OutOfMemoryError:
+            if self.batch_size == 1:
+                raise
+            self.batch_size = max(1, self.batch_size // 2)
+            torch.cuda.empty_cache()
+            console.info(f"{self.spec.name}: out of device memory, batch size now {self.batch_size}")
+            return self.logits(waves)
+
+    def _forward(self, waves: torch.Tensor) -> torch.Tensor:
+        features = self.frontend(waves.to(self.device, non_blocking=True).float() / 32768.0)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            if features.shape[-1] > getattr(self.model, "max_frames", features.shape[-1]):
+                output = windowed_forward(self.model, features)
+            else:
+                output = self.model(features)
+        return output.float()
+
+
+def chunk_batches(logits: TeacherLogits, chunk: int, valid: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The batches of one chunk's decodable rows; the same however the work is scheduled."""
+    rows = np.asarray(logits.chunk_rows(chunk))
+    return sequential_batches(rows[valid[rows]], batch_size)
+
+
+def run_chunk(teacher: Teacher, store: WaveformStore, logits: TeacherLogits, chunk: int, valid: np.ndarray,
+              batch_size: int) -> int:
+    """Compute and write one whole chunk (the dask task body); returns the clips computed."""
+    rows = logits.chunk_rows(chunk)
+    block = np.full((len(rows), logits.logits.shape[1]), np.nan, dtype=np.float32)
+    for batch in chunk_batches(logits, chunk, valid, batch_size):
+        block[batch - rows.start] = teacher.logits(torch.from_numpy(store.read(batch))).cpu().numpy()
+    check_finite(block, rows, valid, store, teacher.spec.name)
+    logits.write_chunk(chunk, block)
+    return int(valid[rows.start:rows.stop].sum())
+
+
+def extract_local(teacher: Teacher, store_path: Path, logits: TeacherLogits, todo: list[int], batch_size: int,
+                  num_workers: int) -> float:
+    """Extract `todo` chunks in this process, prefetching reads; marks each chunk done. Returns seconds spent."""
+    store = WaveformStore.open(store_path)
+    valid = store.column("status") == "ok"
+    plan = [(chunk, batch) for chunk in todo for batch in chunk_batches(logits, chunk, valid, batch_size)]
+    loader = batch_loader(store_path, [batch for _chunk, batch in plan], num_workers=num_workers,
+                          pin_memory=teacher.device.type == "cuda")
+    started = time.perf_counter()
+    clips = sum(int(valid[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()) for c in todo)
+    with console.progress() as bar:
+        task = bar.add_task(f"extract {teacher.spec.name}", total=clips)
+        for chunk, block in _chunks(teacher, logits, todo, plan, loader, bar, task):
+            rows = logits.chunk_rows(chunk)
+            check_finite(block, rows, valid, store, teacher.spec.name)
+            logits.write_chunk(chunk, block)
+            logits.mark_done(chunk)
+    return time.perf_counter() - started
+
+
+def _chunks(teacher: Teacher, logits: TeacherLogits, todo: list[int], plan: list[tuple[int, np.ndarray]],
+            loader, bar, task) -> Iterator[tuple[int, np.ndarray]]:
+    """Assemble loader batches into whole chunks, yielding each chunk as soon as it is complete."""
+    pending = {chunk: sum(1 for c, _ in plan if c == chunk) for chunk in todo}
+    blocks = {chunk: np.full((len(logits.chunk_rows(chunk)), logits.logits.shape[1]), np.nan, np.float32)
+              for chunk in todo}
+    for chunk in [c for c in todo if pending[c] == 0]:  # chunks with no decodable clip
+        yield chunk, blocks.pop(chunk)
+    for (chunk, _batch), (waves, rows) in zip(plan, loader):
+        blocks[chunk][rows.numpy() - logits.chunk_rows(chunk).start] = teacher.logits(waves).cpu().numpy()
+        bar.advance(task, len(rows))
+        pending[chunk] -= 1
+        if pending[chunk] == 0:
+            yield chunk, blocks.pop(chunk)
+
+
+def check_finite(block: np.ndarray, rows: range, valid: np.ndarray, store: WaveformStore, name: str) -> None:
+    """A teacher must never hand NaN or Inf targets to stage two: fail loudly, naming the clip."""
+    bad = ~np.isfinite(block).all(axis=1) & valid[rows.start:rows.stop]
+    if bad.any():
+        row = rows.start + int(np.flatnonzero(bad)[0])
+        clip_id = store.group["clip_id"][row]
+        raise KdpipeError(f"teacher {name} produced NaN or Inf logits for clip {clip_id} (row {row}); "
+                          f"{int(bad.sum())} clip(s) in this chunk")

@@ -1,0 +1,100 @@
+"""Teacher logits in Zarr: one store per teacher while extracting, one combined store for training.
+
+Per teacher (`logits.zarr`, the unit of caching and resume):
+  logits (N, C) float16|float32, NaN fill: a row never written reads as NaN
+  done   (chunks,) bool: chunks completely written, set after their data
+Combined (`teachers.zarr`, what stage two reads):
+  clip_id (N,) str                       aligned with the waveform store
+  teachers/<name>/logits (N, C)          copied from each teacher's store
+  ensemble/logits (N, C)                 weighted mean of the teachers
+Rows are the waveform store's rows, so no lookup by id is ever needed inside
+kdpipe; `clip_id` is there for export and for humans.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+TEACHER_FORMAT = "kdpipe.teacher-logits/1"
+COMBINED_FORMAT = "kdpipe.teachers/1"
+
+
+class TeacherLogits:
+    """One teacher's logits for every clip of the waveform store, written chunk by chunk."""
+
+    def __init__(self, group: zarr.Group):
+        self.group = group
+        self.logits: zarr.Array = group["logits"]
+        self.chunk_clips: int = self.logits.chunks[0]
+
+    @classmethod
+    def create(cls, path: Path, n_clips: int, n_classes: int, chunk_clips: int, dtype: str,
+               attributes: dict[str, Any]) -> TeacherLogits:
+        chunk_clips = max(1, min(chunk_clips, n_clips))
+        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT, **attributes})
+        group.create_array("logits", shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk_clips, n_classes),
+                           fill_value=np.nan, compressors=ZstdCodec(level=3), dimension_names=("clip", "class"))
+        n_chunks = -(-n_clips // chunk_clips)
+        group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(n_chunks,), fill_value=False)
+        return cls(group)
+
+    @classmethod
+    def open(cls, path: Path, mode: str = "r") -> TeacherLogits:
+        group = zarr.open_group(path, mode=mode)
+        if group.attrs.get("format") != TEACHER_FORMAT:
+            raise ValueError(f"{path} is not a kdpipe teacher-logits store")
+        return cls(group)
+
+    @property
+    def n_chunks(self) -> int:
+        return self.group["done"].shape[0]
+
+    def chunk_rows(self, chunk: int) -> range:
+        start = chunk * self.chunk_clips
+        return range(start, min(start + self.chunk_clips, self.logits.shape[0]))
+
+    def write_chunk(self, chunk: int, logits: np.ndarray) -> None:
+        """Write one whole chunk (rows without audio stay NaN); the caller is its only writer."""
+        rows = self.chunk_rows(chunk)
+        self.logits[rows.start:rows.stop] = logits
+
+    def mark_done(self, chunk: int) -> None:
+        self.group["done"][chunk] = True
+
+    def done_chunks(self) -> np.ndarray:
+        return self.group["done"][:]
+
+
+def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, TeacherLogits], weights: dict[str, float],
+                   ensemble: str, dtype: str, attributes: dict[str, Any]) -> None:
+    """Copy each teacher's logits and add their weighted ensemble (mean of logits or of probabilities)."""
+    first = next(iter(teachers.values())).logits
+    n_clips, n_classes = first.shape
+    chunk = first.chunks[0]
+    group = zarr.open_group(path, mode="w", attributes={"format": COMBINED_FORMAT, **attributes})
+    group.create_array("clip_id", shape=(n_clips,), dtype=str, chunks=(chunk,))[:] = clip_ids
+    spec = dict(shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk, n_classes), fill_value=np.nan,
+                compressors=ZstdCodec(level=3), dimension_names=("clip", "class"))
+    copies = {name: group.create_array(f"teachers/{name}/logits", attributes=dict(store.group.attrs), **spec)
+              for name, store in teachers.items()}
+    mean = group.create_array("ensemble/logits", attributes={"weights": weights, "mode": ensemble}, **spec)
+    total = sum(weights.values())
+    for start in range(0, n_clips, chunk):
+        block = {name: store.logits[start:start + chunk].astype(np.float32) for name, store in teachers.items()}
+        for name, values in block.items():
+            copies[name][start:start + chunk] = values
+        mean[start:start + chunk] = ensemble_of(block, weights, ensemble, total)
+
+
+def ensemble_of(block: dict[str, np.ndarray], weights: dict[str, float], mode: str, total: float) -> np.ndarray:
+    """Weighted mean of logits, or the logit of the weighted mean probability."""
+    if mode == "logits":
+        return sum(weights[name] * values for name, values in block.items()) / total
+    probability = sum(weights[name] / (1.0 + np.exp(-values)) for name, values in block.items()) / total
+    probability = np.clip(probability, 1e-7, 1 - 1e-7)
+    return np.log(probability) - np.log1p(-probability)

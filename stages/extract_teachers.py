@@ -1,0 +1,157 @@
+"""Stage one: `extract/<name>` runs one teacher over every clip; `extract-teachers` combines them.
+
+`extract/<name>` (one per teacher) — inputs: the waveform store, the teacher's
+checkpoint (a file, or its train-teacher output). Parameters: the teacher's
+entry (not its weight), `extract.dtype` and `extract.chunk_clips`. Output:
+`logits.zarr`, resumed chunk by chunk after an interruption.
+
+`extract-teachers` — inputs: every teacher's logits. Parameters: the ensemble
+weights and mode. Output: `teachers.zarr` with each teacher's logits and the
+ensemble, so changing weights recomputes only this cheap step and adding a
+teacher computes only that teacher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline import console, dask_engine, extraction, frontends, logits_store
+from pipeline.models import ast, create_model, mobilenet, passt
+from pipeline.config import Config, TeacherConfig
+from pipeline.errors import KdpipeError
+from pipeline.extraction import Teacher, TeacherSpec
+from pipeline.fingerprint import sha256_file
+from pipeline.logits_store import TeacherLogits
+from pipeline.metrics import tagging_metrics
+from pipeline.stage import Stage, StageContext
+from pipeline.training import resolve_device
+from pipeline.waveform_store import WaveformStore
+from stages import train_teacher
+
+PREFIX = "extract/"
+NAME = "extract-teachers"
+
+
+def checkpoint_path(teacher: TeacherConfig, upstream: dict[str, Path]) -> Path:
+    """The teacher's own checkpoint, or the best epoch of its train-teacher stage."""
+    if teacher.checkpoint is not None:
+        return teacher.checkpoint
+    return upstream[train_teacher.stage_name(teacher)] / "best.pt"
+
+
+def eval_metrics(logits: np.ndarray, store: WaveformStore, split: str) -> dict[str, float]:
+    rows = store.rows(split)
+    if len(rows) == 0:
+        return {}
+    return tagging_metrics(store.column("labels")[rows].astype(bool), logits[rows].astype(np.float32))
+
+
+def run_teacher(teacher: TeacherConfig):
+    def run(ctx: StageContext) -> dict[str, Any]:
+        config = ctx.config
+        settings = config.extract
+        store_path = ctx.upstream["prepare"] / "waveforms.zarr"
+        store = WaveformStore.open(store_path)
+        checkpoint = checkpoint_path(teacher, ctx.upstream)
+        spec = TeacherSpec(teacher.label, teacher.arch, checkpoint, dict(teacher.options), dict(teacher.frontend))
+        device = resolve_device(config.device)
+        loaded = Teacher(spec, store.sample_rate, device, settings.batch_size)
+        n_out = _output_classes(loaded, store)
+        path = ctx.out_dir / "logits.zarr"
+        logits = (TeacherLogits.open(path, mode="r+") if path.exists() else TeacherLogits.create(
+            path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label}))
+        todo = [chunk for chunk, done in enumerate(logits.done_chunks()) if not done]
+        if len(todo) < logits.n_chunks:
+            console.info(f"{teacher.label}: {logits.n_chunks - len(todo)} of {logits.n_chunks} chunks already done")
+        if settings.engine == "dask":
+            del loaded  # the workers load their own copies
+            seconds = dask_engine.extract_dask(spec, store_path, path, todo, settings.batch_size,
+                                               settings.scheduler, settings.dask_workers)
+        else:
+            seconds = extraction.extract_local(loaded, store_path, logits, todo, settings.batch_size,
+                                               settings.num_workers)
+        computed = int(sum((store.column("status") == "ok")[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()
+                           for c in todo))
+        metrics = eval_metrics(logits.logits[:], store, config.evaluation.split)
+        attributes = {
+            "teacher": teacher.label, "arch": teacher.arch, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": sha256_file(checkpoint), "frontend": {**loaded_frontend(spec)},
+            "device": str(device), "engine": settings.engine, "wall_seconds": round(seconds, 3),
+            "clips_per_second": round(computed / seconds, 2) if seconds > 0 else None, **metrics,
+        }
+        logits.group.attrs.update(attributes)
+        mAP = f"{metrics['mAP']:.4f}" if metrics else "n/a"
+        console.info(f"{teacher.label}: eval mAP {mAP}, {computed} clips in {seconds:.1f} s")
+        return attributes
+
+    return run
+
+
+def loaded_frontend(spec: TeacherSpec) -> dict[str, Any]:
+    with torch.device("meta"):
+        model = create_model(spec.arch, **spec.options)
+    return {**model.frontend_config, **spec.frontend}
+
+
+def _output_classes(teacher: Teacher, store: WaveformStore) -> int:
+    """A teacher must predict the store's classes; say so before hours of extraction."""
+    probe = torch.zeros(1, store.clip_samples, dtype=torch.int16)
+    n_out = teacher.logits(probe).shape[1]
+    if n_out != len(store.classes):
+        raise KdpipeError(f"teacher {teacher.spec.name} predicts {n_out} classes but the data has "
+                          f"{len(store.classes)}: use a checkpoint trained on this class list")
+    return n_out
+
+
+def teacher_stage(teacher: TeacherConfig) -> Stage:
+    upstream = ("prepare",) if teacher.checkpoint else ("prepare", train_teacher.stage_name(teacher))
+    return Stage(
+        name=PREFIX + teacher.label,
+        params=("extract.dtype", "extract.chunk_clips"),
+        param_values=lambda config: {"teacher": teacher.model_dump(mode="json", exclude={"weight", "init"})},
+        outputs=("logits.zarr",),
+        run=run_teacher(teacher),
+        code=(extraction, logits_store.TeacherLogits, loaded_frontend, run_teacher, _output_classes, frontends,
+              mobilenet, passt, ast),
+        upstream=upstream,
+        inputs=lambda config: {"checkpoint": teacher.checkpoint} if teacher.checkpoint else {},
+        resumable=True,
+    )
+
+
+def run_ensemble(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config
+    store = WaveformStore.open(ctx.upstream["prepare"] / "waveforms.zarr")
+    teachers = {t.label: TeacherLogits.open(ctx.upstream[PREFIX + t.label] / "logits.zarr") for t in config.teachers}
+    weights = {t.label: t.weight for t in config.teachers}
+    if sum(weights.values()) <= 0:
+        raise KdpipeError("teachers.*.weight: at least one teacher needs a positive weight")
+    path = ctx.out_dir / "teachers.zarr"
+    logits_store.write_combined(path, store.column("clip_id"), teachers, weights, config.extract.ensemble,
+                                config.extract.dtype, {"n_classes": len(store.classes)})
+    combined = zarr.open_group(path, mode="r")
+    split = config.evaluation.split
+    summary = {name: eval_metrics(combined[f"teachers/{name}/logits"][:], store, split) for name in teachers}
+    summary["ensemble"] = eval_metrics(combined["ensemble/logits"][:], store, split)
+    for name, metrics in summary.items():
+        if metrics:
+            console.info(f"  {name:<24} mAP {metrics['mAP']:.4f}  mAUC {metrics['mAUC']:.4f}")
+    return {"mAP": {name: m.get("mAP") for name, m in summary.items()}, "weights": weights}
+
+
+def ensemble_stage(config: Config) -> Stage:
+    return Stage(
+        name=NAME,
+        params=("extract.ensemble", "extract.dtype"),
+        param_values=lambda config: {"weights": {t.label: t.weight for t in config.teachers}},
+        outputs=("teachers.zarr",),
+        run=run_ensemble,
+        code=(run_ensemble, logits_store.write_combined, logits_store.ensemble_of),
+        upstream=("prepare", *(PREFIX + t.label for t in config.teachers)),
+    )
+

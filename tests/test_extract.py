@@ -1,0 +1,145 @@
+"""Stage one: teacher logits in Zarr, per-teacher caching, exact resume, dask scale-out, integrity."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.config import load_config
+from pipeline.errors import KdpipeError
+from pipeline.frontends import build_frontend
+from pipeline.models import create_model, load_checkpoint
+from pipeline.runner import Pipeline
+from pipeline.waveform_store import WaveformStore
+from stages import build_stages
+
+
+def settings(small_demo, cache, *extra):
+    return [f"cache_dir={cache}", f"data.sources.0.path={small_demo.manifest}",
+            f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0", "prepare.workers=1",
+            "teachers.0.arch=passt_tiny", "teachers.1.arch=ast_tiny", "teachers.1.weight=3.0",
+            "teacher_training.epochs=1", "teacher_training.batch_size=4", "teacher_training.num_workers=0",
+            "extract.chunk_clips=5", "extract.num_workers=0", "extract.batch_size=3", *extra]
+
+
+def make(small_demo, cache, *extra) -> Pipeline:
+    config = load_config(None, settings(small_demo, cache, *extra))
+    return Pipeline(build_stages(config), config)
+
+
+@pytest.fixture(scope="module")
+def built(small_demo, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("extract")
+    pipeline = make(small_demo, cache)
+    out = pipeline.ensure("extract-teachers")
+    return pipeline, zarr.open_group(out / "teachers.zarr", mode="r")
+
+
+def direct_logits(pipeline: Pipeline, arch: str, name: str) -> np.ndarray:
+    """An independent path: the trained checkpoint run clip by clip, outside the extraction code."""
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    model = load_checkpoint(create_model(arch, num_classes=len(store.classes)),
+                            pipeline.ensure(f"train-teacher/{name}") / "best.pt").eval()
+    frontend = build_frontend(model.frontend_config, store.sample_rate).eval()
+    with torch.no_grad():
+        return np.concatenate([model(frontend(torch.from_numpy(store.read(np.array([row]))).float() / 32768)).numpy()
+                               for row in range(store.n_clips)])
+
+
+def test_store_layout_and_values(built, small_demo):
+    pipeline, store = built
+    waveforms = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    np.testing.assert_array_equal(store["clip_id"][:], waveforms.column("clip_id"))
+    passt, ast = store["teachers/passt_tiny/logits"], store["teachers/ast_tiny/logits"]
+    assert passt.dtype == np.float16 and passt.shape == (24, 12) and passt.chunks == (5, 12)
+    np.testing.assert_allclose(passt[:], direct_logits(pipeline, "passt_tiny", "passt_tiny"), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(ast[:], direct_logits(pipeline, "ast_tiny", "ast_tiny"), atol=2e-2, rtol=1e-2)
+    expected = (1.0 * passt[:].astype(np.float32) + 3.0 * ast[:].astype(np.float32)) / 4.0
+    np.testing.assert_allclose(store["ensemble/logits"][:], expected, atol=2e-3, rtol=2e-3)
+    attrs = dict(passt.attrs)
+    assert attrs["arch"] == "passt_tiny" and len(attrs["checkpoint_sha256"]) == 64
+    assert {"mAP", "mAUC", "wall_seconds", "clips_per_second", "frontend"} <= set(attrs)
+    assert attrs["frontend"]["kind"] == "mel"
+
+
+def test_adding_a_teacher_computes_only_that_teacher(built, small_demo):
+    pipeline, _ = built
+    cache = pipeline.config.cache_dir
+    grown = make(small_demo, cache, "teachers.2.arch=mn_tiny", "teachers.2.name=cnn")
+    states = {name: grown.status(name).state for name in grown.stages}
+    assert states == {"prepare": "fresh", "train-teacher/passt_tiny": "fresh", "train-teacher/ast_tiny": "fresh",
+                      "train-teacher/cnn": "missing", "extract/passt_tiny": "fresh", "extract/ast_tiny": "fresh",
+                      "extract/cnn": "missing", "extract-teachers": "stale"}
+    reweighted = make(small_demo, cache, "teachers.1.weight=1.0")
+    stale = [name for name in reweighted.stages if reweighted.status(name).state != "fresh"]
+    assert stale == ["extract-teachers"]
+    assert reweighted.status("extract-teachers").reasons == ("weights.ast_tiny: 3.0 -> 1.0",)
+
+
+def test_dask_engine_equals_local_engine(built, small_demo, tmp_path):
+    pipeline, store = built
+    distributed = make(small_demo, pipeline.config.cache_dir, "extract.engine=dask", "extract.dask_workers=2")
+    assert distributed.key("extract/passt_tiny") == pipeline.key("extract/passt_tiny")  # engine is not a parameter
+    out = distributed.ensure("extract/passt_tiny", force=True)
+    np.testing.assert_array_equal(zarr.open_group(out / "logits.zarr", mode="r")["logits"][:],
+                                  store["teachers/passt_tiny/logits"][:])
+
+
+def test_kill_9_then_resume_is_bit_identical(built, small_demo, tmp_path):
+    pipeline, store = built
+    source = pipeline.config.cache_dir
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for stage in ("prepare", "train-teacher"):  # reuse the upstream stages built above
+        shutil.copytree(source / stage, killed / stage)
+        shutil.copytree(source / stage, clean / stage)
+    command = [sys.executable, "-m", "pipeline", "extract-teachers", "--set=extract.chunk_clips=1",
+               *[f"--set={item}" for item in settings(small_demo, killed)[:-3]]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and done < 3:
+        for path in killed.glob("extract/passt_tiny/*/logits.zarr"):
+            try:
+                done = int(zarr.open_group(path, mode="r")["done"][:].sum())
+            except Exception:  # being created
+                done = 0
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 3 <= done < 24, f"kill landed after {done} of 24 chunks: {process.returncode}"
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "chunks already done" in resumed.stderr
+    uninterrupted = subprocess.run([c.replace(str(killed), str(clean)) for c in command], capture_output=True,
+                                   text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    a = zarr.open_group(next(killed.glob("extract-teachers/*/teachers.zarr")), mode="r")
+    b = zarr.open_group(next(clean.glob("extract-teachers/*/teachers.zarr")), mode="r")
+    for name in ("teachers/passt_tiny/logits", "teachers/ast_tiny/logits", "ensemble/logits"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_nan_logits_fail_loudly_with_the_clip_id(small_demo, tmp_path):
+    model = create_model("mn_tiny", num_classes=12)
+    state = model.state_dict()
+    state["classifier.5.bias"][3] = float("nan")
+    checkpoint = tmp_path / "broken.pt"
+    torch.save(state, checkpoint)
+    pipeline = make(small_demo, tmp_path, f"teachers.0.checkpoint={checkpoint}", "teachers.0.arch=mn_tiny")
+    with pytest.raises(KdpipeError, match=r"NaN or Inf logits for clip demo_train_0000"):
+        pipeline.ensure("extract/mn_tiny")
+    assert pipeline.cache.record("extract/mn_tiny", pipeline.key("extract/mn_tiny")) is None
+
+
+def test_teacher_with_other_classes_is_refused(small_demo, tmp_path):
+    checkpoint = tmp_path / "mn527.pt"
+    torch.save(create_model("mn_tiny").state_dict(), checkpoint)
+    pipeline = make(small_demo, tmp_path, f"teachers.0.checkpoint={checkpoint}", "teachers.0.arch=mn_tiny")
+    with pytest.raises(KdpipeError, match="predicts 527 classes but the data has 12"):
+        pipeline.ensure("extract/mn_tiny")
