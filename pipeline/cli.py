@@ -34,10 +34,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the resolved config.", no_args_is_help=True)
 cache_app = typer.Typer(help="List and clean the stage cache.", no_args_is_help=True)
+bench_app = typer.Typer(help="Throughput of our path against a naive baseline, side by side.", no_args_is_help=True)
 manifest_app = typer.Typer(help="Build manifests from other descriptions of data.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(cache_app, name="cache")
 app.add_typer(manifest_app, name="manifest")
+app.add_typer(bench_app, name="bench")
 
 DEFAULT_CONFIG = Path("kdpipe.yaml")
 
@@ -277,6 +279,38 @@ def cache_gc(
             pipeline.cache.remove(entry)
     console.info(f"{len(stale)} entr{'y' if len(stale) == 1 else 'ies'}, {_human_bytes(freed)}"
                  f"{' would be' if dry_run else ''} freed")
+
+
+# ------------------------------------------------------------------ bench
+@bench_app.command("extract")
+@user_errors
+def bench_extract(
+    teacher: Annotated[str | None, typer.Option(help="Registry model; default passt_s_s10 on CUDA, "
+                                                "passt_tiny on a CPU.")] = None,
+    clips: Annotated[int, typer.Option(min=1, help="Clips for our path.")] = 256,
+    naive_clips: Annotated[int, typer.Option(min=1, help="Clips for the naive loop (it is slow).")] = 64,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Clip length.")] = 10.0,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Default: 64 on CUDA, 4 on a CPU.")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Loader processes; default 4 on CUDA, 0 on "
+                                                "a CPU (they would compete with the model for cores).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile our path (compile time excluded).")] = False,
+) -> None:
+    """Teacher inference: clips/s of extract-teachers' path against a one-clip fp32 CPU-feature loop."""
+    from pipeline.bench import bench_extract as run_bench
+    from pipeline.training import resolve_device
+
+    chosen = resolve_device(device)
+    cuda = chosen.type == "cuda"
+    arch = teacher or ("passt_s_s10" if cuda else "passt_tiny")
+    result = run_bench(arch, clips, seconds, batch_size or (64 if cuda else 4), chosen,
+                       workers if workers is not None else (4 if cuda else 0), naive_clips, compile)
+    table = Table("measure", "value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+    console.out.print(table)
+    console.out.print(f"ours {result['ours_clips_per_s']:.1f} clips/s, naive {result['naive_clips_per_s']:.1f} "
+                      f"clips/s: {result['speedup']:.2f}x")
 
 
 # --------------------------------------------------------------- manifests

@@ -95,6 +95,7 @@ class ExtractConfig(_Section):
     scheduler: str | None = Field(None, description="dask scheduler address; null = a local cluster")
     dask_workers: int = Field(0, ge=0, description="local cluster workers; 0 = one per GPU (2 on a CPU)")
     num_workers: int = Field(2, ge=0, description="local engine: loader processes prefetching audio")
+    compile: bool = Field(False, description="torch.compile the teachers (minutes to compile, then ~2x on CPU)")
 
 
 class KDConfig(_Section):

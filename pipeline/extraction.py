@@ -44,10 +44,14 @@ class TeacherSpec:
 class Teacher:
     """A loaded teacher and its frontend on one device."""
 
-    def __init__(self, spec: TeacherSpec, store_sample_rate: int, device: torch.device, batch_size: int):
+    def __init__(self, spec: TeacherSpec, store_sample_rate: int, device: torch.device, batch_size: int,
+                 compile: bool = False):
         self.spec = spec
         self.device = device
-        self.model: nn.Module = create_model(spec.arch, checkpoint=spec.checkpoint, **spec.options).eval().to(device)
+        model = create_model(spec.arch, checkpoint=spec.checkpoint, **spec.options).eval().to(device)
+        # NHWC suits the depthwise convolutions of CNN teachers on GPUs and CPUs alike (2x for mn10 on a CPU).
+        self.model: nn.Module = model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self.frontend = build_frontend({**self.model.frontend_config, **spec.frontend}, store_sample_rate)
         self.frontend.eval().to(device)
         self.batch_size = batch_size
@@ -69,12 +73,13 @@ class Teacher:
 
     def _forward(self, waves: torch.Tensor) -> torch.Tensor:
         features = self.frontend(waves.to(self.device, non_blocking=True).float() / 32768.0)
+        features = features.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             if features.shape[-1] > getattr(self.model, "max_frames", features.shape[-1]):
-                output = windowed_forward(self.model, features)
+                output = windowed_forward(self.forward, features, window_frames=self.model.max_frames)
             else:
-                output = self.model(features)
+                output = self.forward(features)
         return output.float()
 
 

@@ -101,6 +101,9 @@ class Resample(_Fp32Frontend):
         )
 
 
+PREEMPHASIS = 0.97
+
+
 class _PowerSpectrogram(nn.Module):
     """Pre-emphasis then |STFT|^2, as EfficientAT/PaSST's AugmentMelSTFT computes it.
 
@@ -113,12 +116,12 @@ class _PowerSpectrogram(nn.Module):
     def __init__(self, n_fft: int, win_length: int, hop_length: int):
         super().__init__()
         self.n_fft, self.hop_length = n_fft, hop_length
-        self.register_buffer("preemphasis", torch.tensor([[[-0.97, 1.0]]]), persistent=False)
         self.register_buffer("window", torch.hann_window(win_length, periodic=False), persistent=False)
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         """(batch, samples) fp32 -> (batch, n_fft // 2 + 1, frames) power."""
-        x = F.conv1d(waveforms.unsqueeze(1), self.preemphasis.to(waveforms.device)).squeeze(1)
+        # The same valid 2-tap filter as a slice difference: a conv1d over 320 k samples is ~10x slower on CPUs.
+        x = waveforms[:, 1:] - PREEMPHASIS * waveforms[:, :-1]
         spec = torch.stft(
             x,
             self.n_fft,
@@ -130,7 +133,7 @@ class _PowerSpectrogram(nn.Module):
             normalized=False,
             return_complex=True,
         )
-        return torch.view_as_real(spec).pow(2).sum(-1)
+        return spec.real.square() + spec.imag.square()
 
     def num_frames(self, num_samples: int) -> int:
         return 1 + (num_samples - 1) // self.hop_length

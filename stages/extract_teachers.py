@@ -60,7 +60,7 @@ def run_teacher(teacher: TeacherConfig):
         checkpoint = checkpoint_path(teacher, ctx.upstream)
         spec = TeacherSpec(teacher.label, teacher.arch, checkpoint, dict(teacher.options), dict(teacher.frontend))
         device = resolve_device(config.device)
-        loaded = Teacher(spec, store.sample_rate, device, settings.batch_size)
+        loaded = Teacher(spec, store.sample_rate, device, settings.batch_size, settings.compile)
         n_out = _output_classes(loaded, store)
         path = ctx.out_dir / "logits.zarr"
         logits = (TeacherLogits.open(path, mode="r+") if path.exists() else TeacherLogits.create(

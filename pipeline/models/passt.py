@@ -207,7 +207,8 @@ def windowed_forward(
     starts = list(range(0, length - window + 1, hop))
     if starts[-1] + window < length:
         starts.append(length - window)
-    outputs = [model(x[..., s : s + window], return_embedding=True) for s in starts]
-    logits = torch.stack([o[0] for o in outputs]).mean(0)
-    embedding = torch.stack([o[1] for o in outputs]).mean(0)
+    # All windows of the batch in one forward pass: (windows * B, 1, F, window).
+    logits, embedding = model(torch.cat([x[..., s : s + window] for s in starts]), return_embedding=True)
+    logits = logits.view(len(starts), x.shape[0], -1).mean(0)
+    embedding = embedding.view(len(starts), x.shape[0], -1).mean(0)
     return (logits, embedding) if return_embedding else logits

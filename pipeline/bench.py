@@ -1,0 +1,112 @@
+"""Benchmarks: our path and a naive baseline, measured side by side in one run, as a ratio.
+
+`bench_extract` times teacher inference over a temporary waveform store of
+random clips: our extraction path (prefetching loader, batched, features on
+the device, bf16 on CUDA) against the way reference repos run inference (one
+clip at a time, fp32, features on the CPU).
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import console
+from pipeline.extraction import Teacher, TeacherSpec, extract_local
+from pipeline.frontends import build_frontend
+from pipeline.logits_store import TeacherLogits
+from pipeline.manifests import ClassList
+from pipeline.models import create_model
+from pipeline.models.complexity import count_macs
+from pipeline.models.passt import windowed_forward
+from pipeline.waveform_store import WaveformStore
+
+AUDIOSET_CLASSES = 527
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def random_store(path: Path, clips: int, seconds: float, sample_rate: int, classes: int, seed: int = 0) -> Path:
+    """A waveform store of noise clips: what the benchmark reads, without any audio on disk."""
+    rng = np.random.default_rng(seed)
+    samples = round(seconds * sample_rate)
+    names = tuple(f"class {i}" for i in range(classes))
+    store = WaveformStore.create(path, clip_ids=[f"bench_{i}" for i in range(clips)], splits=["train"] * clips,
+                                 labels=np.zeros((clips, classes), np.uint8), classes=ClassList(names, names),
+                                 sample_rate=sample_rate, clip_samples=samples, shard_clips=64)
+    for shard in range(store.n_shards):
+        rows = store.shard_rows(shard)
+        waves = (rng.standard_normal((len(rows), samples)) * 3000).astype(np.int16)
+        store.write_shard(shard, waves, ["ok"] * len(rows), [""] * len(rows))
+        store.mark_done(shard)
+    return path
+
+
+def naive_logits(model: torch.nn.Module, frontend: torch.nn.Module, wave: np.ndarray, device: torch.device) -> None:
+    """The reference repos' way: one clip, fp32, features computed on the CPU, then the model on the device."""
+    with torch.no_grad():
+        features = frontend(torch.from_numpy(wave[None]).float() / 32768.0).to(device)
+        if features.shape[-1] > getattr(model, "max_frames", features.shape[-1]):
+            windowed_forward(model, features)
+        else:
+            model(features)
+
+
+def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device: torch.device,
+                  num_workers: int, naive_clips: int, compile: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = create_model(arch, num_classes=AUDIOSET_CLASSES)
+        sample_rate = 32000
+        store_path = random_store(root / "waves.zarr", clips, seconds, sample_rate, AUDIOSET_CLASSES)
+        checkpoint = root / "teacher.pt"
+        torch.save(model.state_dict(), checkpoint)
+        teacher = Teacher(TeacherSpec(arch, arch, checkpoint), sample_rate, device, batch_size, compile)
+        store = WaveformStore.open(store_path)
+        warm = torch.from_numpy(store.read(np.arange(min(batch_size, clips))))
+        teacher.logits(warm)  # warm-up: kernels, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        logits = TeacherLogits.create(root / "logits.zarr", clips, AUDIOSET_CLASSES, 4096, "float16", {})
+        ours_seconds = extract_local(teacher, store_path, logits, list(range(logits.n_chunks)), batch_size,
+                                     num_workers)
+        peak_memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+        model = model.eval().to(device)
+        frontend = build_frontend(model.frontend_config, sample_rate).eval()
+        rows = np.arange(min(naive_clips, clips))
+        naive_logits(model, frontend, store.read(rows[:1])[0], device)  # the same warm-up
+        started = time.perf_counter()
+        for wave in console.track((store.read(np.array([row]))[0] for row in rows), len(rows), "naive loop"):
+            naive_logits(model, frontend, wave, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        naive_seconds = time.perf_counter() - started
+
+        frames = teacher.frontend(warm[:1].to(device).float() / 32768.0).shape
+        with torch.device("meta"):
+            meta = create_model(arch)
+        macs = count_macs(meta, (1, 1, frames[-2], min(frames[-1], getattr(meta, "max_frames", frames[-1]))))
+    ours = clips / ours_seconds
+    naive = len(rows) / naive_seconds
+    result = {"teacher": arch, "device": device_name(device), "clips": clips, "naive_clips": len(rows),
+              "seconds_per_clip": seconds, "batch_size": teacher.batch_size, "compiled": compile, "ours_clips_per_s": ours,
+              "naive_clips_per_s": naive, "speedup": ours / naive, "gmacs_per_clip": macs / 1e9,
+              "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        tflops = 2 * macs * ours / 1e12
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in result["device"]), None)
+        result.update(achieved_tflops=tflops, peak_device_memory_mb=peak_memory / 2**20,
+                      share_of_bf16_peak=tflops / peak if peak else None)
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

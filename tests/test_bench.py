@@ -1,0 +1,18 @@
+"""`kdpipe bench extract` measures both paths in one run and prints their ratio."""
+
+import re
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+def test_bench_extract_prints_both_throughputs_and_the_ratio():
+    result = CliRunner().invoke(app, ["bench", "extract", "--teacher", "mn_tiny", "--clips", "8", "--naive-clips",
+                                      "4", "--seconds", "1", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    match = re.search(r"ours ([\d.]+) clips/s, naive ([\d.]+) clips/s: ([\d.]+)x", result.output)
+    assert match
+    ours, naive, ratio = map(float, match.groups())
+    assert ours > 0 and naive > 0 and abs(ratio - ours / naive) < 0.02 * ratio + 0.01
+    assert "gmacs_per_clip" in result.output and re.search(r"naive_clips\s+│ 4\b", result.output)
