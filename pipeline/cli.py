@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -20,7 +21,7 @@ from pipeline import __version__
 from pipeline import config as config_module
 from pipeline import console
 from pipeline.config import Config, load_config
-from pipeline.errors import KdpipeError
+from pipeline.errors import ConfigError, KdpipeError
 from pipeline.runner import Pipeline
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -149,6 +150,67 @@ def extract_teachers(config: ConfigOption = None, set_: SetOption = None, force:
         raise KdpipeError("teachers is empty: list at least one teacher (arch and checkpoint) in the config")
     out = pipeline.ensure(NAME, force=force, wait=not no_wait)
     console.out.print(str(out / "teachers.zarr"))
+
+
+@app.command("export-logits")
+@user_errors
+def export_logits(
+    output: Annotated[Path, typer.Argument(help="Folder to write into.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    format: Annotated[str, typer.Option(help="Only 'efficientat': <name>.npy + fname_to_index.pkl.")] = "efficientat",
+    split: Annotated[str, typer.Option(help="Clips to export (EfficientAT trains on 'train').")] = "train",
+    teacher: Annotated[str | None, typer.Option(help="One teacher instead of the ensemble.")] = None,
+) -> None:
+    """Write the ensemble's (or one teacher's) logits the way EfficientAT's training code reads them."""
+    import zarr
+
+    from pipeline.interop import export_logits as write
+    from pipeline.waveform_store import WaveformStore
+    from stages.extract_teachers import NAME
+
+    if format != "efficientat":
+        raise ConfigError(f"--format: only 'efficientat' is supported, got {format!r}")
+    pipeline = make_pipeline(resolve_config(config, set_))
+    if NAME not in pipeline.stages:
+        raise KdpipeError("teachers is empty: nothing to export")
+    combined = zarr.open_group(pipeline.ensure(NAME) / "teachers.zarr", mode="r")
+    array = "ensemble/logits" if teacher is None else f"teachers/{teacher}/logits"
+    if array not in combined:
+        raise KdpipeError(f"no teacher named {teacher!r}; teachers: {', '.join(combined['teachers'].group_keys())}")
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    rows = store.rows(split)
+    npy, index = write(output, combined[array][:][rows], store.column("clip_id")[rows], teacher or "ensemble_logits")
+    console.info(f"{len(rows)} {split} clips")
+    console.out.print(f"{npy}\n{index}")
+
+
+@app.command("import-logits")
+@user_errors
+def import_logits(
+    npy: Annotated[Path, typer.Argument(help="Logits .npy, e.g. passt_enemble_logits_mAP_495.npy.", exists=True,
+                                        dir_okay=False)],
+    index: Annotated[Path, typer.Argument(help="Its fname_to_index.pkl.", exists=True, dir_okay=False)],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    name: Annotated[str, typer.Option(help="Teacher name for the config entry.")] = "passt_ensemble",
+) -> None:
+    """Check EfficientAT-format logits against the prepared clips and print the teacher entry that uses them."""
+    from pipeline.interop import import_logits as read
+    from pipeline.waveform_store import WaveformStore
+
+    pipeline = make_pipeline(resolve_config(config, set_))
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    aligned, found = read(npy, index, store.column("clip_id"), len(store.classes))
+    for split in sorted(set(store.column("split").tolist())):
+        rows = store.rows(split)
+        covered = int(np.isfinite(aligned[rows]).all(axis=1).sum())
+        console.info(f"{split}: logits for {covered} of {len(rows)} clips")
+    if found == 0:
+        raise KdpipeError("none of the prepared clip ids is in the index: keys should be YouTube ids")
+    entry = {"name": name, "logits": str(npy.resolve()), "logits_index": str(index.resolve())}
+    console.info("add this entry to `teachers:` in your config; clips without logits get no KD term:")
+    console.out.print(config_module.dump_yaml([entry]), end="", markup=False)
 
 
 @app.command()

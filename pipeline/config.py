@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -55,17 +55,34 @@ class PrepareConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    """A teacher: a registry model (with a checkpoint, or trained by train-teacher) or imported logits."""
+
     name: str | None = Field(None, description="unique name of this teacher; default: its arch")
-    arch: str = Field(description="registry architecture, e.g. passt_s_s10")
+    arch: str | None = Field(None, description="registry architecture, e.g. passt_s_s10")
     checkpoint: Path | None = Field(None, description="weights to use; null = train it with train-teacher")
     init: Path | None = Field(None, description="starting weights for train-teacher (fine-tuning)")
     weight: float = Field(1.0, ge=0, description="ensemble weight")
     options: dict[str, Any] = Field(default_factory=dict, description="create_model overrides, e.g. {depth: 4}")
     frontend: dict[str, Any] = Field(default_factory=dict, description="frontend overrides, e.g. {fmax: 14000}")
+    logits: Path | None = Field(None, description="EfficientAT-format .npy of logits to import instead of a model")
+    logits_index: Path | None = Field(None, description="its fname_to_index.pkl (YouTube id -> row)")
+
+    @model_validator(mode="after")
+    def _model_or_logits(self) -> TeacherConfig:
+        if (self.arch is None) == (self.logits is None):
+            raise ValueError("give either arch (a model) or logits (an imported .npy), not both or neither")
+        if (self.logits is None) != (self.logits_index is None):
+            raise ValueError("logits and logits_index go together")
+        return self
 
     @property
     def label(self) -> str:
-        return self.name or self.arch
+        return self.name or self.arch or self.logits.stem  # type: ignore[union-attr]
+
+    @property
+    def trainable(self) -> bool:
+        """A model without weights: train-teacher makes them."""
+        return self.arch is not None and self.checkpoint is None
 
 
 class TeacherTrainingConfig(_Section):
@@ -228,7 +245,7 @@ def check_input_files(config: Config) -> None:
     if config.data.class_list is not None and not config.data.class_list.is_file():
         problems.append(f"data.class_list: no such file: {config.data.class_list}")
     for i, teacher in enumerate(config.teachers):
-        for key in ("checkpoint", "init"):
+        for key in ("checkpoint", "init", "logits", "logits_index"):
             path = getattr(teacher, key)
             if path is not None and not path.is_file():
                 problems.append(f"teachers.{i}.{key}: no such file: {path}")

@@ -8,11 +8,11 @@ from stages import extract_teachers, prepare, train_teacher
 def build_stages(config: Config) -> list[Stage]:
     """Every stage the config asks for, upstream first.
 
-    One train-teacher per teacher without a checkpoint, one extract per teacher,
+    One train-teacher per model teacher without a checkpoint, one extract per teacher,
     and the ensemble over all of them.
     """
     stages = [prepare.STAGE]
-    stages += [train_teacher.stage_for(t) for t in config.teachers if t.checkpoint is None]
+    stages += [train_teacher.stage_for(t) for t in config.teachers if t.trainable]
     stages += [extract_teachers.teacher_stage(t) for t in config.teachers]
     if config.teachers:
         stages.append(extract_teachers.ensemble_stage(config))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import console, dask_engine, extraction, frontends, logits_store
+from pipeline import console, dask_engine, extraction, frontends, interop, logits_store
 from pipeline.models import ast, create_model, mobilenet, passt
 from pipeline.config import Config, TeacherConfig
 from pipeline.errors import KdpipeError
@@ -45,14 +45,41 @@ def checkpoint_path(teacher: TeacherConfig, upstream: dict[str, Path]) -> Path:
 
 
 def eval_metrics(logits: np.ndarray, store: WaveformStore, split: str) -> dict[str, float]:
+    """Metrics on the split's clips that have logits (imported teachers may lack some)."""
     rows = store.rows(split)
+    rows = rows[np.isfinite(logits[rows]).all(axis=1)]
     if len(rows) == 0:
         return {}
     return tagging_metrics(store.column("labels")[rows].astype(bool), logits[rows].astype(np.float32))
 
 
+def run_import(teacher: TeacherConfig, ctx: StageContext) -> dict[str, Any]:
+    """An imported teacher: EfficientAT-format logits aligned to the store by clip id."""
+    assert teacher.logits is not None and teacher.logits_index is not None
+    store = WaveformStore.open(ctx.upstream["prepare"] / "waveforms.zarr")
+    aligned, found = interop.import_logits(teacher.logits, teacher.logits_index, store.column("clip_id"),
+                                           len(store.classes))
+    if found == 0:
+        raise KdpipeError(f"{teacher.logits_index}: none of the store's clip ids is in it; "
+                          "its keys should be YouTube ids like '--4gqARaEJE'")
+    logits = TeacherLogits.create(ctx.out_dir / "logits.zarr", store.n_clips, len(store.classes),
+                                  ctx.config.extract.chunk_clips, ctx.config.extract.dtype, {"teacher": teacher.label})
+    for chunk in range(logits.n_chunks):
+        rows = logits.chunk_rows(chunk)
+        logits.write_chunk(chunk, aligned[rows.start:rows.stop])
+        logits.mark_done(chunk)
+    metrics = eval_metrics(aligned, store, ctx.config.evaluation.split)
+    attributes = {"teacher": teacher.label, "imported_from": str(teacher.logits), "clips_found": found,
+                  "clips_missing": store.n_clips - found, **metrics}
+    logits.group.attrs.update(attributes)
+    console.info(f"{teacher.label}: imported logits for {found} of {store.n_clips} clips")
+    return attributes
+
+
 def run_teacher(teacher: TeacherConfig):
     def run(ctx: StageContext) -> dict[str, Any]:
+        if teacher.logits is not None:
+            return run_import(teacher, ctx)
         config = ctx.config
         settings = config.extract
         store_path = ctx.upstream["prepare"] / "waveforms.zarr"
@@ -109,17 +136,18 @@ def _output_classes(teacher: Teacher, store: WaveformStore) -> int:
 
 
 def teacher_stage(teacher: TeacherConfig) -> Stage:
-    upstream = ("prepare",) if teacher.checkpoint else ("prepare", train_teacher.stage_name(teacher))
+    upstream = ("prepare", train_teacher.stage_name(teacher)) if teacher.trainable else ("prepare",)
     return Stage(
         name=PREFIX + teacher.label,
         params=("extract.dtype", "extract.chunk_clips"),
         param_values=lambda config: {"teacher": teacher.model_dump(mode="json", exclude={"weight", "init"})},
         outputs=("logits.zarr",),
         run=run_teacher(teacher),
-        code=(extraction, logits_store.TeacherLogits, loaded_frontend, run_teacher, _output_classes, frontends,
-              mobilenet, passt, ast),
+        code=(extraction, logits_store.TeacherLogits, loaded_frontend, run_teacher, run_import, interop,
+              _output_classes, frontends, mobilenet, passt, ast),
         upstream=upstream,
-        inputs=lambda config: {"checkpoint": teacher.checkpoint} if teacher.checkpoint else {},
+        inputs=lambda config: {key: getattr(teacher, key) for key in ("checkpoint", "logits", "logits_index")
+                               if getattr(teacher, key) is not None},
         resumable=True,
     )
 

@@ -1,6 +1,7 @@
 """Stage one: teacher logits in Zarr, per-teacher caching, exact resume, dask scale-out, integrity."""
 
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -12,9 +13,13 @@ import pytest
 import torch
 import zarr
 
+from typer.testing import CliRunner
+
+from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.errors import KdpipeError
 from pipeline.frontends import build_frontend
+from pipeline.interop import read_index
 from pipeline.models import create_model, load_checkpoint
 from pipeline.runner import Pipeline
 from pipeline.waveform_store import WaveformStore
@@ -143,3 +148,44 @@ def test_teacher_with_other_classes_is_refused(small_demo, tmp_path):
     pipeline = make(small_demo, tmp_path, f"teachers.0.checkpoint={checkpoint}", "teachers.0.arch=mn_tiny")
     with pytest.raises(KdpipeError, match="predicts 527 classes but the data has 12"):
         pipeline.ensure("extract/mn_tiny")
+
+
+def test_export_then_import_round_trips_through_efficientat_files(built, small_demo, tmp_path):
+    pipeline, store = built
+    args = [f"--set={item}" for item in settings(small_demo, pipeline.config.cache_dir)]
+    runner = CliRunner()
+    exported = runner.invoke(app, ["export-logits", str(tmp_path / "out"), "--split", "train", *args])
+    assert exported.exit_code == 0, exported.output
+    npy, index = tmp_path / "out" / "ensemble_logits.npy", tmp_path / "out" / "fname_to_index.pkl"
+    waveforms = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    train = waveforms.rows("train")
+    rows = read_index(index)
+    assert sorted(rows) == sorted(waveforms.column("clip_id")[train].tolist())
+    logits = np.load(npy)
+    assert logits.dtype == np.float16 and logits.shape == (len(train), 12)
+    first = waveforms.column("clip_id")[train[0]]
+    np.testing.assert_array_equal(logits[rows[first]], store["ensemble/logits"][train[0]].astype(np.float16))
+
+    checked = runner.invoke(app, ["import-logits", str(npy), str(index), "--name", "exported", *args])
+    assert checked.exit_code == 0, checked.output
+    assert f"train: logits for {len(train)} of {len(train)} clips" in checked.output
+    assert "eval: logits for 0 of 8 clips" in checked.output and "logits_index:" in checked.output
+    imported = make(small_demo, pipeline.config.cache_dir, "teachers.2.name=exported", f"teachers.2.logits={npy}",
+                    f"teachers.2.logits_index={index}")
+    assert "train-teacher/exported" not in imported.stages
+    values = zarr.open_group(imported.ensure("extract/exported") / "logits.zarr", mode="r")["logits"][:]
+    np.testing.assert_array_equal(values[train], store["ensemble/logits"][:][train])
+    assert np.isnan(values[waveforms.rows("eval")]).all()
+
+
+def test_an_index_pickle_cannot_run_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    path = tmp_path / "fname_to_index.pkl"
+    path.write_bytes(pickle.dumps({"--4gqARaEJE": Exploit()}))
+    with pytest.raises(KdpipeError, match="refusing to load posix.system"):
+        read_index(path)
+    path.write_bytes(pickle.dumps({"--4gqARaEJE": np.int64(3)}))
+    assert read_index(path) == {"--4gqARaEJE": 3}
