@@ -300,8 +300,7 @@ def config_show(
     resolved = resolve_config(config, set_, check_files=False)
     plain = config_module.to_plain(resolved)
     if stage is not None:
-        chosen = make_pipeline(resolved).stage(stage)
-        plain = {name: config_module.select(plain, name) for name in chosen.params}
+        plain = make_pipeline(resolved).stage(stage).parameters(resolved)
     console.out.print(config_module.dump_yaml(plain), end="", markup=False)
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from pipeline.zarr_groups import create_done_flags, open_group
+
 TEACHER_FORMAT = "kdpipe.teacher-logits/1"
 COMBINED_FORMAT = "kdpipe.teachers/1"
 
@@ -39,16 +41,12 @@ class TeacherLogits:
         group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT, **attributes})
         group.create_array("logits", shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk_clips, n_classes),
                            fill_value=np.nan, compressors=ZstdCodec(level=3), dimension_names=("clip", "class"))
-        n_chunks = -(-n_clips // chunk_clips)
-        group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(n_chunks,), fill_value=False)
+        create_done_flags(group, -(-n_clips // chunk_clips))
         return cls(group)
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> TeacherLogits:
-        group = zarr.open_group(path, mode=mode)
-        if group.attrs.get("format") != TEACHER_FORMAT:
-            raise ValueError(f"{path} is not a kdpipe teacher-logits store")
-        return cls(group)
+        return cls(open_group(path, mode, TEACHER_FORMAT))
 
     @property
     def n_chunks(self) -> int:

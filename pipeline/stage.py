@@ -54,6 +54,11 @@ class Stage:
     resumable: bool = False
     """True when `run` continues a partial output folder instead of needing a fresh one."""
 
+    def parameters(self, config: Config) -> dict[str, Any]:
+        """The parameter values that enter the key, by their names."""
+        plain = to_plain(config)
+        return {**{name: select(plain, name) for name in self.params}, **self.param_values(config)}
+
 
 @dataclass(frozen=True)
 class KeyComponents:
@@ -84,11 +89,10 @@ class KeyComponents:
 def key_components(
     stage: Stage, config: Config, upstream_keys: dict[str, str], fingerprints: FingerprintDB
 ) -> KeyComponents:
-    plain = to_plain(config)
     return KeyComponents(
         stage=stage.name,
         schema_version=stage.schema_version,
-        params={**{name: select(plain, name) for name in stage.params}, **stage.param_values(config)},
+        params=stage.parameters(config),
         upstream={name: upstream_keys[name] for name in stage.upstream},
         code=source_hash(stage.code),
         inputs={label: fingerprints.sha256(path) for label, path in sorted(stage.inputs(config).items())},

@@ -22,6 +22,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from pipeline.zarr_groups import create_done_flags, open_group
+
 from pipeline.manifests import ClassList
 
 FORMAT = "kdpipe.waveforms/1"
@@ -77,16 +79,12 @@ class WaveformStore:
         group.create_array("split", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(splits)
         group.create_array("status", shape=(n,), dtype=str, **per_clip)
         group.create_array("message", shape=(n,), dtype=str, **per_clip)
-        n_shards = -(-n // shard_clips)
-        group.create_array("done", shape=(n_shards,), dtype=bool, chunks=(n_shards,), fill_value=False)
+        create_done_flags(group, -(-n // shard_clips))
         return cls(group)
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> WaveformStore:
-        group = zarr.open_group(path, mode=mode)
-        if group.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a kdpipe waveform store")
-        return cls(group)
+        return cls(open_group(path, mode, FORMAT))
 
     # ------------------------------------------------------------- layout
     @property
