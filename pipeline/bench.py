@@ -59,7 +59,7 @@ def naive_logits(model: torch.nn.Module, frontend: torch.nn.Module, wave: np.nda
 
 
 def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device: torch.device,
-                  num_workers: int, naive_clips: int, compile: bool = False) -> dict[str, Any]:
+                  num_workers: int, naive_clips: int, compile: bool = False, precision: str = "auto") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = create_model(arch, num_classes=AUDIOSET_CLASSES)
@@ -67,7 +67,7 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
         store_path = random_store(root / "waves.zarr", clips, seconds, sample_rate, AUDIOSET_CLASSES)
         checkpoint = root / "teacher.pt"
         torch.save(model.state_dict(), checkpoint)
-        teacher = Teacher(TeacherSpec(arch, arch, checkpoint), sample_rate, device, batch_size, compile)
+        teacher = Teacher(TeacherSpec(arch, arch, checkpoint), sample_rate, device, batch_size, compile, precision)
         store = WaveformStore.open(store_path)
         warm = torch.from_numpy(store.read(np.arange(min(batch_size, clips))))
         teacher.logits(warm)  # warm-up: kernels, allocator
@@ -97,7 +97,8 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
     ours = clips / ours_seconds
     naive = len(rows) / naive_seconds
     result = {"teacher": arch, "device": device_name(device), "clips": clips, "naive_clips": len(rows),
-              "seconds_per_clip": seconds, "batch_size": teacher.batch_size, "compiled": compile, "ours_clips_per_s": ours,
+              "seconds_per_clip": seconds, "batch_size": teacher.batch_size, "compiled": compile,
+              "precision": "bf16" if teacher.bf16 else "fp32", "ours_clips_per_s": ours,
               "naive_clips_per_s": naive, "speedup": ours / naive, "gmacs_per_clip": macs / 1e9,
               "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":

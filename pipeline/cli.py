@@ -356,16 +356,19 @@ def bench_extract(
                                                 "a CPU (they would compete with the model for cores).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile our path (compile time excluded).")] = False,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on a CPU), fp32 or bf16.")] = "auto",
 ) -> None:
     """Teacher inference: clips/s of extract-teachers' path against a one-clip fp32 CPU-feature loop."""
     from pipeline.bench import bench_extract as run_bench
     from pipeline.training import resolve_device
 
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision: one of auto, fp32, bf16; got {precision!r}")
     chosen = resolve_device(device)
     cuda = chosen.type == "cuda"
     arch = teacher or ("passt_s_s10" if cuda else "passt_tiny")
     result = run_bench(arch, clips, seconds, batch_size or (64 if cuda else 4), chosen,
-                       workers if workers is not None else (4 if cuda else 0), naive_clips, compile)
+                       workers if workers is not None else (4 if cuda else 0), naive_clips, compile, precision)
     table = Table("measure", "value")
     for key, value in result.items():
         table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))

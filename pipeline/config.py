@@ -113,6 +113,7 @@ class ExtractConfig(_Section):
     dask_workers: int = Field(0, ge=0, description="local cluster workers; 0 = one per GPU (2 on a CPU)")
     num_workers: int = Field(2, ge=0, description="local engine: loader processes prefetching audio")
     compile: bool = Field(False, description="torch.compile the teachers (minutes to compile, then ~2x on CPU)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
 
 
 class KDConfig(_Section):

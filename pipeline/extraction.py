@@ -45,9 +45,11 @@ class Teacher:
     """A loaded teacher and its frontend on one device."""
 
     def __init__(self, spec: TeacherSpec, store_sample_rate: int, device: torch.device, batch_size: int,
-                 compile: bool = False):
+                 compile: bool = False, precision: str = "auto"):
         self.spec = spec
         self.device = device
+        # bf16 autocast: always on CUDA; on a CPU only when asked (fast only where the CPU has bf16 units).
+        self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         model = create_model(spec.arch, checkpoint=spec.checkpoint, **spec.options).eval().to(device)
         # NHWC suits the depthwise convolutions of CNN teachers on GPUs and CPUs alike (2x for mn10 on a CPU).
         self.model: nn.Module = model.to(memory_format=torch.channels_last)
@@ -74,8 +76,7 @@ class Teacher:
     def _forward(self, waves: torch.Tensor) -> torch.Tensor:
         features = self.frontend(waves.to(self.device, non_blocking=True).float() / 32768.0)
         features = features.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if features.shape[-1] > getattr(self.model, "max_frames", features.shape[-1]):
                 output = windowed_forward(self.forward, features, window_frames=self.model.max_frames)
             else:

@@ -127,9 +127,17 @@ class WaveformStore:
         return np.flatnonzero(keep)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """int16 waveforms of the given rows, in the given order (read in sorted order)."""
+        """int16 waveforms of the given rows, in the given order.
+
+        Rows are read in sorted order, each run of consecutive rows as one slice: zarr's
+        orthogonal selection costs ~13 ms per clip from a shard, a slice ~0.5-1 ms.
+        """
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
+        ranked = rows[order]
+        breaks = np.flatnonzero(np.diff(ranked) != 1) + 1
+        runs = zip(np.r_[0, breaks], np.r_[breaks, len(ranked)])
         out = np.empty((len(rows), self.clip_samples), dtype=np.int16)
-        out[order] = self.waveform.get_orthogonal_selection((rows[order], slice(None)))
+        if len(rows):
+            out[order] = np.concatenate([self.waveform[ranked[a]:ranked[b - 1] + 1] for a, b in runs])
         return out
