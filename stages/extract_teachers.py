@@ -89,6 +89,7 @@ def run_teacher(teacher: TeacherConfig):
         device = resolve_device(config.device)
         loaded = Teacher(spec, store.sample_rate, device, settings.batch_size, settings.compile, settings.precision)
         n_out = _output_classes(loaded, store)
+        precision = "bf16" if loaded.bf16 else "fp32"
         path = ctx.out_dir / "logits.zarr"
         logits = (TeacherLogits.open(path, mode="r+") if path.exists() else TeacherLogits.create(
             path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label}))
@@ -108,7 +109,8 @@ def run_teacher(teacher: TeacherConfig):
         attributes = {
             "teacher": teacher.label, "arch": teacher.arch, "checkpoint": str(checkpoint),
             "checkpoint_sha256": sha256_file(checkpoint), "frontend": {**loaded_frontend(spec)},
-            "device": str(device), "precision": "bf16" if loaded.bf16 else "fp32", "engine": settings.engine, "wall_seconds": round(seconds, 3),
+            "device": str(device), "precision": precision, "engine": settings.engine,
+            "wall_seconds": round(seconds, 3),
             "clips_per_second": round(computed / seconds, 2) if seconds > 0 else None, **metrics,
         }
         logits.group.attrs.update(attributes)
