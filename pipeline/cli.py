@@ -152,6 +152,29 @@ def extract_teachers(config: ConfigOption = None, set_: SetOption = None, force:
     console.out.print(str(out / "teachers.zarr"))
 
 
+@app.command("train-student")
+@user_errors
+def train_student(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    width: Annotated[float | None, typer.Option(min=0.01, max=4.0, help="Width of a mobilenetv3 student "
+                                                "(mn04 = 0.4, mn10 = 1.0, mn20 = 2.0, mn40 = 4.0).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Any registry model as the student.")] = None,
+    force: ForceOption = False,
+    no_wait: NoWaitOption = False,
+) -> None:
+    """Stage two: train a student against the stored teacher targets (reuses cached teacher logits)."""
+    from stages.train_student import NAME
+
+    resolved = resolve_config(config, set_, {"student.width": width, "student.arch": arch})
+    pipeline = make_pipeline(resolved)
+    if NAME not in pipeline.stages:
+        raise KdpipeError("student.kd.enabled is true but teachers is empty: list teachers, "
+                          "or train the baseline with --set student.kd.enabled=false")
+    out = pipeline.ensure(NAME, force=force, wait=not no_wait)
+    console.out.print(str(out / "best.pt"))
+
+
 @app.command("export-logits")
 @user_errors
 def export_logits(
@@ -264,8 +287,32 @@ def demo(
     pipeline = make_pipeline(config)
     for name in pipeline.stages:
         pipeline.ensure(name, force=force)
+    baseline = make_pipeline(load_config(resolved, ["student.kd.enabled=false"]))
+    baseline.ensure("train-student", force=force)
+    console.out.print(demo_summary(pipeline, baseline))
     console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
     console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")
+
+
+def demo_summary(pipeline: Pipeline, baseline: Pipeline) -> Table:
+    """Eval mAP of every teacher, the ensemble, and the student with and without KD."""
+    from stages.extract_teachers import NAME as EXTRACT
+    from stages.train_student import NAME as STUDENT
+
+    def summary(of: Pipeline, stage: str) -> dict[str, Any]:
+        record = of.cache.record(stage, of.key(stage))
+        assert record is not None, f"{stage} was just built"
+        return record["summary"]
+
+    table = Table("model", "eval mAP", "parameters", title="kdpipe demo")
+    teachers = summary(pipeline, EXTRACT)["mAP"]
+    for name in sorted(teachers, key=lambda name: name == "ensemble"):  # the ensemble last
+        label = "teacher ensemble" if name == "ensemble" else f"teacher {name}"
+        table.add_row(label, f"{teachers[name]:.4f}", "")
+    for label, of in (("student, with KD", pipeline), ("student, no KD", baseline)):
+        result = summary(of, STUDENT)
+        table.add_row(label, f"{result['mAP']:.4f}", f"{result['parameters'] / 1e6:.3f} M")
+    return table
 
 
 @app.command("models")

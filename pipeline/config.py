@@ -124,7 +124,8 @@ class KDConfig(_Section):
 
 class StudentConfig(_Section):
     arch: str = Field("mobilenetv3", description="registry architecture of the student")
-    width: float = Field(1.0, gt=0, le=4.0, description="width multiplier (mn10 = 1.0)")
+    width: float = Field(1.0, gt=0, le=4.0, description="width multiplier of arch mobilenetv3 (mn10 = 1.0)")
+    options: dict[str, Any] = Field(default_factory=dict, description="create_model overrides, e.g. {bn_momentum: 0.1}")
     epochs: int = Field(200, ge=1)
     epoch_samples: int = Field(100_000, ge=1, description="clips drawn per epoch by the weighted sampler")
     batch_size: int = Field(120, ge=1)
@@ -133,8 +134,9 @@ class StudentConfig(_Section):
     rampdown_start: int = Field(80, ge=0)
     rampdown_epochs: int = Field(95, ge=1)
     last_lr_factor: float = Field(0.01, ge=0, le=1)
-    mixup_alpha: float = Field(0.3, ge=0)
+    mixup_alpha: float = Field(0.3, ge=0, description="0 = no mixup")
     kd: KDConfig = Field(default_factory=KDConfig)
+    num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
 
 class EvaluationConfig(_Section):

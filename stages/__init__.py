@@ -2,18 +2,20 @@
 
 from pipeline.config import Config
 from pipeline.stage import Stage
-from stages import extract_teachers, prepare, train_teacher
+from stages import extract_teachers, prepare, train_student, train_teacher
 
 
 def build_stages(config: Config) -> list[Stage]:
     """Every stage the config asks for, upstream first.
 
     One train-teacher per model teacher without a checkpoint, one extract per teacher,
-    and the ensemble over all of them.
+    the ensemble over all of them, and the student (KD needs teachers; the baseline does not).
     """
     stages = [prepare.STAGE]
     stages += [train_teacher.stage_for(t) for t in config.teachers if t.trainable]
     stages += [extract_teachers.teacher_stage(t) for t in config.teachers]
     if config.teachers:
         stages.append(extract_teachers.ensemble_stage(config))
+    if train_student.available(config):
+        stages.append(train_student.stage(config))
     return stages

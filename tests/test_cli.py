@@ -12,6 +12,7 @@ from pipeline.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
+FAST = ("--set", "teacher_training.epochs=1", "--set", "student.epochs=1")
 
 
 def invoke(*args: str) -> str:
@@ -23,22 +24,24 @@ def invoke(*args: str) -> str:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "kdpipe-demo"
-    output = invoke("demo", "--out", str(out), "--set", "teacher_training.epochs=1")
+    output = invoke("demo", "--out", str(out), *FAST)
     assert "prepare: 320 clips decoded, none skipped" in output
     assert "train-teacher/passt_tiny: done" in output and "train-teacher/ast_tiny: done" in output
     assert "extract-teachers: done" in output and re.search(r"ensemble\s+mAP 0\.\d{4}", output)
+    for row in ("teacher passt_tiny", "teacher ast_tiny", "teacher ensemble", "student, with KD", "student, no KD"):
+        assert re.search(rf"{row}\s+│ 0\.\d{{4}}", output), row
     return out / "demo.yaml"
 
 
 def test_demo_leaves_every_stage_fresh_and_rerun_is_cached(demo):
     status = invoke("status", "--config", str(demo))
     stages = ("prepare", "train-teacher/passt_tiny", "train-teacher/ast_tiny", "extract/passt_tiny",
-              "extract/ast_tiny", "extract-teachers")
+              "extract/ast_tiny", "extract-teachers", "train-student")
     for stage in stages:
         assert re.search(rf"{stage}\s+│\s+fresh", status), status
     assert invoke("run", "--config", str(demo)).count(": cached") == len(stages)
-    again = invoke("demo", "--out", str(demo.parent), "--set", "teacher_training.epochs=1")
-    assert again.count(": cached") == len(stages) and "wrote" not in again
+    again = invoke("demo", "--out", str(demo.parent), *FAST)
+    assert "building" not in again and "wrote" not in again and "student, no KD" in again
 
 
 def prepare_entries(listing: str) -> int:
@@ -48,13 +51,15 @@ def prepare_entries(listing: str) -> int:
 def test_status_explains_a_change_and_prepare_rebuilds(demo):
     status = invoke("status", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "stale" in status and "prepare.min_seconds: 0.5 -> 0.6" in status
-    assert status.count("upstream prepare changed") == 5  # 2 train-teacher, 2 extract, extract-teachers
+    assert status.count("upstream prepare changed") == 6  # 2 train-teacher, 2 extract, the ensemble, the student
     output = invoke("prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "prepare: building" in output and output.strip().endswith("waveforms.zarr")
     listing = invoke("cache", "ls", "--config", str(demo))
     assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 2
     dry = invoke("cache", "gc", "--config", str(demo), "--dry-run")
-    assert dry.count("would remove prepare/") == 1 and "would remove train" not in dry
+    # the 0.6 store goes, and the demo's no-KD baseline (not what this config trains); the teachers stay
+    assert dry.count("would remove prepare/") == 1 and dry.count("would remove train-student/") == 1
+    assert "would remove train-teacher" not in dry and "would remove extract" not in dry
     assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 2
     invoke("cache", "gc", "--config", str(demo))
     assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 1
