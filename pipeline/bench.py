@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
 import torch
 
 from pipeline import console
 from pipeline.extraction import Teacher, TeacherSpec, extract_local
 from pipeline.frontends import build_frontend
+from pipeline.loader import batch_loader, sequential_batches
 from pipeline.logits_store import TeacherLogits
 from pipeline.manifests import ClassList
 from pipeline.models import create_model
@@ -111,3 +113,81 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+class _DecodingClips(torch.utils.data.Dataset):
+    """The reference repos' loader: each item decodes its mp3 and computes features on the CPU."""
+
+    def __init__(self, paths: list[Path], sample_rate: int, clip_samples: int):
+        self.paths, self.sample_rate, self.clip_samples = paths, sample_rate, clip_samples
+        self.frontend = build_frontend({"kind": "mel", "sample_rate": sample_rate, "n_mels": 128}, sample_rate)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from pipeline.audio_io import load_clip
+
+        wave, _ = load_clip(self.paths[index], sample_rate=self.sample_rate, clip_samples=self.clip_samples,
+                            min_seconds=0.0)
+        with torch.no_grad():
+            return self.frontend.train()(torch.from_numpy(wave[None]).float() / 32768.0)[0]
+
+
+def prepared_demo(root: Path, clips: int, seconds: float) -> tuple[Path, list[Path]]:
+    """Demo clips as mp3 files (mixed sample rates) and the waveform store prepared from them."""
+    from pipeline.config import load_config
+    from pipeline.demo_data import write_demo_dataset
+    from pipeline.runner import Pipeline
+    from stages import prepare
+
+    dataset = write_demo_dataset(root / "audio", n_train=clips, n_eval=1, clip_seconds=seconds)
+    manifest = root / "audio" / "mp3.csv"  # AudioSet as users hold it: mp3 (PaSST's HDF5 files)
+    with open(dataset.manifest) as source, open(manifest, "w") as target:
+        for line in source:
+            clip_id, path, rest = line.split(",", 2)
+            if clip_id != "clip_id":
+                audio, rate = soundfile.read(root / "audio" / path)
+                path = f"audio/{clip_id}.mp3"
+                soundfile.write(root / "audio" / path, audio, rate, format="MP3")
+            target.write(f"{clip_id},{path},{rest}")
+    config = load_config(None, [f"cache_dir={root / 'cache'}", f"data.sources.0.path={manifest}",
+                                f"data.class_list={dataset.class_list}", f"data.clip_seconds={seconds}"])
+    store_path = Pipeline([prepare.STAGE], config).ensure("prepare") / "waveforms.zarr"
+    paths = sorted((root / "audio" / "audio").glob("demo_train_*.mp3"))
+    return store_path, paths
+
+
+def bench_loader(clips: int, seconds: float, batch_size: int, workers: int, device: torch.device) -> dict[str, Any]:
+    """Features per second delivered to the device: our store loader against per-item decoding."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path, paths = prepared_demo(Path(tmp), clips, seconds)
+        store = WaveformStore.open(store_path)
+        rows = store.rows("train")
+        frontend = build_frontend({"kind": "mel", "sample_rate": store.sample_rate, "n_mels": 128},
+                                  store.sample_rate).train().to(device)
+        batches = sequential_batches(np.random.default_rng(0).permutation(rows), batch_size)
+        started = time.perf_counter()
+        loader = batch_loader(store_path, batches, num_workers=workers, pin_memory=device.type == "cuda")
+        for waves, _rows in console.track(loader, len(batches), "our loader"):
+            with torch.no_grad():
+                frontend(waves.to(device, non_blocking=True).float() / 32768.0)
+        _sync(device)
+        ours = len(rows) / (time.perf_counter() - started)
+        naive_set = _DecodingClips(paths, store.sample_rate, store.clip_samples)
+        naive_loader = torch.utils.data.DataLoader(naive_set, batch_size=batch_size, shuffle=True,
+                                                   num_workers=workers, multiprocessing_context="spawn"
+                                                   if workers else None)
+        started = time.perf_counter()
+        for features in console.track(naive_loader, len(naive_loader), "naive loader"):
+            features.to(device)
+        _sync(device)
+        naive = len(paths) / (time.perf_counter() - started)
+    return {"device": device_name(device), "clips": len(rows), "seconds_per_clip": seconds,
+            "batch_size": batch_size, "workers": workers, "ours_clips_per_s": ours, "naive_clips_per_s": naive,
+            "speedup": ours / naive}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

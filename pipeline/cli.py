@@ -416,6 +416,26 @@ def bench_extract(
     arch = teacher or ("passt_s_s10" if cuda else "passt_tiny")
     result = run_bench(arch, clips, seconds, batch_size or (64 if cuda else 4), chosen,
                        workers if workers is not None else (4 if cuda else 0), naive_clips, compile, precision)
+    print_bench(result)
+
+
+@bench_app.command("loader")
+@user_errors
+def bench_loader(
+    clips: Annotated[int, typer.Option(min=1, help="Clips (generated demo audio in mixed formats).")] = 128,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Clip length.")] = 10.0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="Loader processes, the same for both loaders.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Training input: our store loader (int16 reads, features on the device) against per-item decoding."""
+    from pipeline.bench import bench_loader as run_bench
+    from pipeline.training import resolve_device
+
+    print_bench(run_bench(clips, seconds, batch_size, workers, resolve_device(device)))
+
+
+def print_bench(result: dict[str, Any]) -> None:
     table = Table("measure", "value")
     for key, value in result.items():
         table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))

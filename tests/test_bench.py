@@ -16,3 +16,12 @@ def test_bench_extract_prints_both_throughputs_and_the_ratio():
     ours, naive, ratio = map(float, match.groups())
     assert ours > 0 and naive > 0 and abs(ratio - ours / naive) < 0.02 * ratio + 0.01
     assert "gmacs_per_clip" in result.output and re.search(r"naive_clips\s+│ 4\b", result.output)
+
+
+def test_bench_loader_prints_both_throughputs_and_the_ratio():
+    result = CliRunner().invoke(app, ["bench", "loader", "--clips", "8", "--seconds", "1", "--batch-size", "4",
+                                      "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    match = re.search(r"ours ([\d.]+) clips/s, naive ([\d.]+) clips/s: ([\d.]+)x", result.output)
+    assert match and float(match.group(1)) > 0 and float(match.group(2)) > 0
+    assert re.search(r"clips\s+│ 8\b", result.output)
