@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,9 +116,13 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_multiplier(
         e, settings.warmup_epochs, settings.rampdown_start, settings.rampdown_epochs, settings.last_lr_factor))
     rng = np.random.default_rng([settings.seed, 1])
-    best: dict = {"mAP": -1.0}
     metrics_file = out_dir / "metrics.jsonl"
-    for epoch in range(settings.epochs):
+    start, best = _resume(out_dir, model, optimizer, schedule, rng)
+    if start:
+        lines = metrics_file.read_text().splitlines()[:start]  # drop a line written after the last save
+        metrics_file.write_text("".join(line + "\n" for line in lines))
+        console.info(f"resuming after epoch {start} of {settings.epochs}")
+    for epoch in range(start, settings.epochs):
         started = time.time()
         model.train()
         frontend.train()
@@ -148,6 +153,42 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         if record["mAP"] > best["mAP"]:
             best = record
             torch.save(model.state_dict(), out_dir / "best.pt")
+        _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best)
         console.info(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, eval mAP {record['mAP']:.4f}, "
                      f"mAUC {record['mAUC']:.4f}")
+    (out_dir / RESUME).unlink(missing_ok=True)
     return best
+
+
+RESUME = "resume.pt"
+
+
+def _save_resume_state(out_dir: Path, epochs_done: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, best: dict) -> None:
+    """Everything the next epoch depends on, written atomically: a run killed anywhere resumes exactly."""
+    state = {
+        "epochs_done": epochs_done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "mixup_rng": rng.bit_generator.state, "best": best,
+    }
+    tmp = out_dir / f".{RESUME}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / RESUME)
+
+
+def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator) -> tuple[int, dict]:
+    """Restore a saved state if the folder has one; returns the epochs already done and the best so far."""
+    path = out_dir / RESUME
+    if not path.is_file():
+        return 0, {"mAP": -1.0}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng.bit_generator.state = state["mixup_rng"]
+    return int(state["epochs_done"]), state["best"]

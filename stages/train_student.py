@@ -120,4 +120,5 @@ def stage(config: Config) -> Stage:
         run=run,
         code=(sys.modules[__name__], training, loader, frontends, models, mobilenet),
         upstream=("prepare", EXTRACT) if kd else ("prepare",),
+        resumable=True,
     )

@@ -90,4 +90,5 @@ def stage_for(teacher: TeacherConfig) -> Stage:
         code=(sys.modules[__name__], training, loader, frontends, models, mobilenet, passt, ast),
         upstream=("prepare",),
         inputs=lambda config: {"init": teacher.init} if teacher.init else {},
+        resumable=True,
     )

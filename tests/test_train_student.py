@@ -1,6 +1,12 @@
-"""Stage two: the KD loss, the student stage and its caching against stored teacher targets."""
+"""Stage two: the KD loss, the student stage, its caching and exact resume."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -78,3 +84,41 @@ def test_no_kd_baseline_needs_no_teachers(small_demo, tmp_path):
     result = CliRunner().invoke(app, ["train-student", *[f"--set={item}" for item in settings(small_demo, tmp_path)
                                                          if not item.startswith("teachers.")]])
     assert result.exit_code == 1 and "teachers is empty" in result.output
+
+
+def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, tmp_path):
+    """A real `kdpipe train-student` killed after an epoch continues where it stopped, metrics unchanged."""
+    make(small_demo, tmp_path / "killed").ensure("extract-teachers")  # upstream built once, copied below
+    shutil.copytree(tmp_path / "killed", tmp_path / "clean")
+    common = ["student.epochs=4", "student.epoch_samples=24", "student.batch_size=2"]
+    command = lambda cache: [sys.executable, "-m", "pipeline", "train-student",  # noqa: E731
+                             *[f"--set={item}" for item in settings(small_demo, cache, *common)]]
+    process = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    metrics = None
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = next((tmp_path / "killed").glob("train-student/*/resume.pt"), None)
+        if metrics is not None:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert metrics is not None, "no epoch finished before the deadline"
+    resumed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+
+    def read(cache):
+        folder = next(cache.glob("train-student/*/metrics.jsonl")).parent
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "seconds"} for line in lines], folder
+
+    (killed, killed_dir), (uninterrupted, clean_dir) = read(tmp_path / "killed"), read(tmp_path / "clean")
+    assert [line["epoch"] for line in killed] == [1, 2, 3, 4]
+    assert killed == uninterrupted
+    assert not (killed_dir / "resume.pt").exists()
+    a, b = torch.load(killed_dir / "last.pt", weights_only=True), torch.load(clean_dir / "last.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
