@@ -191,3 +191,40 @@ def bench_loader(clips: int, seconds: float, batch_size: int, workers: int, devi
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_train(arch: str, clips: int, seconds: float, batch_size: int, workers: int,
+                device: torch.device) -> dict[str, Any]:
+    """Training steps per second on our loader, and the share of step time spent waiting for data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path, _paths = prepared_demo(Path(tmp), clips, seconds)
+        store = WaveformStore.open(store_path)
+        labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
+        model = create_model(arch, num_classes=len(store.classes)).to(device).train()
+        frontend = build_frontend(model.frontend_config, store.sample_rate).train().to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        batches = sequential_batches(np.random.default_rng(0).permutation(store.rows("train")), batch_size)
+        loader = iter(batch_loader(store_path, batches, num_workers=workers, pin_memory=device.type == "cuda"))
+        waves, rows = next(loader)  # the first batch pays for worker start-up; not counted
+        waiting = computing = 0.0
+        trained = 0
+        bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        for step in console.track(range(len(batches)), len(batches), "training steps"):
+            started = time.perf_counter()
+            features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
+            with bf16:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(features).float(),
+                                                                             labels[rows.to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            computing += time.perf_counter() - started
+            trained += len(rows)
+            if step + 1 < len(batches):
+                started = time.perf_counter()
+                waves, rows = next(loader)
+                waiting += time.perf_counter() - started
+    return {"model": arch, "device": device_name(device), "clips": trained, "seconds_per_clip": seconds,
+            "batch_size": batch_size, "workers": workers, "train_clips_per_s": trained / (computing + waiting),
+            "data_wait_share": waiting / (computing + waiting)}

@@ -25,3 +25,11 @@ def test_bench_loader_prints_both_throughputs_and_the_ratio():
     match = re.search(r"ours ([\d.]+) clips/s, naive ([\d.]+) clips/s: ([\d.]+)x", result.output)
     assert match and float(match.group(1)) > 0 and float(match.group(2)) > 0
     assert re.search(r"clips\s+│ 8\b", result.output)
+
+
+def test_bench_train_reports_throughput_and_data_wait():
+    result = CliRunner().invoke(app, ["bench", "train", "--arch", "mn_tiny", "--clips", "8", "--seconds", "1",
+                                      "--batch-size", "4", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    match = re.search(r"training ([\d.]+) clips/s, waiting for data ([\d.]+) % of step time", result.output)
+    assert match and float(match.group(1)) > 0 and 0 <= float(match.group(2)) <= 100
