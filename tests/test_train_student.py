@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
@@ -122,3 +123,14 @@ def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, tmp_path):
     a, b = torch.load(killed_dir / "last.pt", weights_only=True), torch.load(clean_dir / "last.pt", weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("teacher", "student"), [("mn_tiny", "passt_tiny"), ("ast_tiny", "mn_tiny")])
+def test_cmkd_in_both_directions(small_demo, tmp_path, teacher, student):
+    """CNN -> transformer and transformer -> CNN: any registry model learns from any teacher's logits."""
+    pipeline = make(small_demo, tmp_path, f"teachers.0.arch={teacher}", f"student.arch={student}")
+    out = pipeline.ensure("train-student")
+    record = pipeline.cache.record("train-student", pipeline.key("train-student"))
+    assert record["summary"]["arch"] == student and record["summary"]["kd"] is True
+    assert pipeline.stage("train-student").upstream == ("prepare", "extract-teachers")
+    load_checkpoint(create_model(student, num_classes=12), out / "best.pt")
