@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline import console
-from pipeline.loader import batch_loader, sequential_batches
+from pipeline.errors import KdpipeError
+from pipeline.loader import batch_loader, sequential_batches, weighted_batches
 from pipeline.metrics import tagging_metrics
 from pipeline.waveform_store import WaveformStore
 
@@ -84,6 +86,31 @@ def predict(model: nn.Module, frontend: nn.Module, store_path: Path, rows: np.nd
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mixup | None], torch.Tensor]
 """(logits, store rows on device, labels (B, C) float on device, mixup or None) -> scalar loss."""
+
+
+def label_loss(logits: torch.Tensor, _rows: torch.Tensor, labels: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
+    """BCE against the labels, mixed like the inputs under mixup."""
+    return F.binary_cross_entropy_with_logits(logits, mixup.mix(labels) if mixup else labels)
+
+
+def train_and_eval_rows(store: WaveformStore, eval_split: str, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded clips of the 'train' split and of the evaluation split; both must exist."""
+    train_rows, eval_rows = store.rows("train"), store.rows(eval_split)
+    if len(train_rows) == 0 or len(eval_rows) == 0:
+        raise KdpipeError(f"{stage} needs clips in the 'train' and '{eval_split}' splits; "
+                          f"the store has {len(train_rows)} and {len(eval_rows)}")
+    return train_rows, eval_rows
+
+
+def weighted_epochs(train_rows: np.ndarray, weights: np.ndarray, clips_per_epoch: int, batch_size: int,
+                    seed: int) -> Callable[[int], list[np.ndarray]]:
+    """Each epoch's batches, drawn afresh from (seed, epoch): a resumed run draws the same ones."""
+
+    def epoch_batches(epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([seed, epoch])
+        return weighted_batches(train_rows, weights, clips_per_epoch, batch_size, rng)
+
+    return epoch_batches
 
 
 @dataclass(frozen=True)

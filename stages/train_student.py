@@ -53,10 +53,6 @@ def kd_loss(targets: torch.Tensor, has_target: torch.Tensor, label_weight: float
     return loss
 
 
-def label_only_loss(logits: torch.Tensor, _rows: torch.Tensor, labels: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, mixup.mix(labels) if mixup else labels)
-
-
 def teacher_targets(ctx: StageContext, n_clips: int, temperature: float,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """sigmoid(ensemble / T) for every store row, on the device, and which rows have a teacher."""
@@ -75,9 +71,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     student = config.student
     store_path = ctx.upstream["prepare"] / "waveforms.zarr"
     store = WaveformStore.open(store_path)
-    train_rows, eval_rows = store.rows("train"), store.rows(config.evaluation.split)
-    if len(train_rows) == 0 or len(eval_rows) == 0:
-        raise KdpipeError(f"train-student needs clips in 'train' and '{config.evaluation.split}'")
+    train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, NAME)
     device = training.resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_student(config, len(store.classes))
@@ -86,13 +80,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         targets, present = teacher_targets(ctx, store.n_clips, student.kd.temperature, device)
         loss_fn = kd_loss(targets, present, student.kd.label_weight)
     else:
-        loss_fn = label_only_loss
+        loss_fn = training.label_loss
     weights = loader.class_balanced_weights(store.column("labels")[train_rows])
-
-    def epoch_batches(epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng([config.seed, epoch])
-        return loader.weighted_batches(train_rows, weights, student.epoch_samples, student.batch_size, rng)
-
+    epoch_batches = training.weighted_epochs(train_rows, weights, student.epoch_samples, student.batch_size,
+                                             config.seed)
     best = training.fit(model, frontend, store_path, epoch_batches, eval_rows, loss_fn, FitSettings(
         epochs=student.epochs, lr=student.lr, optimizer="adam", weight_decay=0.0,
         warmup_epochs=student.warmup_epochs, rampdown_start=student.rampdown_start,

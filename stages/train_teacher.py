@@ -14,15 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline import frontends, loader, models, training
 from pipeline.models import ast, mobilenet, passt
 from pipeline.config import Config, TeacherConfig, to_plain
-from pipeline.errors import KdpipeError
 from pipeline.models import create_model, load_checkpoint
 from pipeline.stage import Stage, StageContext
-from pipeline.training import FitSettings, Mixup
+from pipeline.training import FitSettings
 from pipeline.waveform_store import WaveformStore
 
 PREFIX = "train-teacher/"
@@ -40,33 +38,21 @@ def build_teacher(teacher: TeacherConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def label_loss(logits: torch.Tensor, _rows: torch.Tensor, labels: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
-    """BCE against the labels, mixed like the inputs under mixup."""
-    return F.binary_cross_entropy_with_logits(logits, mixup.mix(labels) if mixup else labels)
-
-
 def run_for(teacher: TeacherConfig):
     def run(ctx: StageContext) -> dict[str, Any]:
         config = ctx.config
         settings = config.teacher_training
         store_path = ctx.upstream["prepare"] / "waveforms.zarr"
         store = WaveformStore.open(store_path)
-        train_rows, eval_rows = store.rows("train"), store.rows(config.evaluation.split)
-        if len(train_rows) == 0 or len(eval_rows) == 0:
-            raise KdpipeError(f"train-teacher needs clips in the 'train' and '{config.evaluation.split}' splits; "
-                              f"the store has {len(train_rows)} and {len(eval_rows)}")
+        train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, stage_name(teacher))
         torch.manual_seed(config.seed)  # the initial weights too: a rerun trains the same teacher
         model = build_teacher(teacher, len(store.classes))
         frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
         labels = store.column("labels")[train_rows]
         weights = loader.class_balanced_weights(labels) if settings.balanced_sampling else np.ones(len(train_rows))
-        per_epoch = settings.epoch_samples or len(train_rows)
-
-        def epoch_batches(epoch: int) -> list[np.ndarray]:
-            rng = np.random.default_rng([config.seed, epoch])
-            return loader.weighted_batches(train_rows, weights, per_epoch, settings.batch_size, rng)
-
-        best = training.fit(model, frontend, store_path, epoch_batches, eval_rows, label_loss, FitSettings(
+        epoch_batches = training.weighted_epochs(train_rows, weights, settings.epoch_samples or len(train_rows),
+                                                 settings.batch_size, config.seed)
+        best = training.fit(model, frontend, store_path, epoch_batches, eval_rows, training.label_loss, FitSettings(
             epochs=settings.epochs, lr=settings.lr, optimizer=settings.optimizer,
             weight_decay=settings.weight_decay, warmup_epochs=settings.warmup_epochs,
             rampdown_start=settings.rampdown_start, rampdown_epochs=settings.rampdown_epochs,
