@@ -15,6 +15,7 @@ import soundfile as sf
 import zarr
 
 from pipeline.config import load_config
+from pipeline.demo_data import write_demo_dataset
 from pipeline.errors import KdpipeError
 from pipeline.manifests import read_class_list
 from pipeline.runner import Pipeline
@@ -196,9 +197,10 @@ def test_audioset_source_reports_undownloaded_clips_as_missing(tmp_path, audiose
     assert store.waveform.shape == (5, 320000)
 
 
-def test_kill_9_then_resume_is_bit_identical(small_demo, tmp_path):
+def test_kill_9_then_resume_is_bit_identical(tmp_path):
     """A real `kdpipe prepare` process killed mid-run resumes at the first unwritten shard."""
-    common = [f"--set=data.sources.0.path={small_demo.manifest}", f"--set=data.class_list={small_demo.class_list}",
+    dataset = write_demo_dataset(tmp_path / "data", n_train=88, n_eval=8, clip_seconds=1.0)  # 48 shards: time to kill
+    common = [f"--set=data.sources.0.path={dataset.manifest}", f"--set=data.class_list={dataset.class_list}",
               "--set=data.clip_seconds=1.0", "--set=prepare.shard_clips=2", "--set=prepare.workers=1",
               "--set=prepare.min_seconds=0.5"]
     killed_cache, clean_cache = tmp_path / "killed", tmp_path / "clean"
@@ -219,7 +221,7 @@ def test_kill_9_then_resume_is_bit_identical(small_demo, tmp_path):
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert 2 <= written < 12, f"kill landed after {written} of 12 shards"
+    assert 2 <= written < 48, f"kill landed after {written} of 48 shards"
     entry = next(killed_cache.glob("prepare/*"))
     assert not (entry / "record.json").exists()
     resumed = subprocess.run([*command, f"--set=cache_dir={killed_cache}"], capture_output=True, text=True)
