@@ -80,6 +80,8 @@ class Pipeline:
         if not force and self.cache.record(name, key) is not None:
             console.info(f"[green]{name}[/green]: cached ({key})")
             return out_dir
+        for reason in self.status(name).reasons:  # --verbose: why this stage is being built
+            console.debug(f"{name}: {reason}")
         with self.cache.lock(name, key, wait=wait):
             if not force and self.cache.record(name, key) is not None:  # built while we waited
                 console.info(f"[green]{name}[/green]: cached ({key}), built by another process")

@@ -98,3 +98,11 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     assert readme.index(demo_command) < 300
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] != "#"]
     assert ci_lines[-1] == test_command
+
+
+def test_verbose_says_why_a_stage_is_rebuilt(demo):
+    result = runner.invoke(app, ["--verbose", "prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.7"])
+    assert result.exit_code == 0, result.output
+    assert "prepare: prepare.min_seconds: 0.5 -> 0.7" in result.output
+    plain = runner.invoke(app, ["prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.8"])
+    assert "prepare: building" in plain.output and "prepare.min_seconds: 0.5 -> 0.8" not in plain.output
