@@ -136,7 +136,20 @@ class StudentConfig(_Section):
     last_lr_factor: float = Field(0.01, ge=0, le=1)
     mixup_alpha: float = Field(0.3, ge=0, description="0 = no mixup")
     kd: KDConfig = Field(default_factory=KDConfig)
+    representations: list[Literal["mel", "mfcc", "stft"]] = Field(
+        default_factory=list, description="train one student per representation together, with mutual KD "
+        "(multi-representation mode); empty = one student on the model's own frontend")
+    mutual_weight: float = Field(1.0, ge=0, description="weight of the mutual-KD term between representations")
+    keep: Literal["best", "all"] = Field("best", description="multi-representation mode: keep the best student "
+                                         "or every student")
     num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
+
+    @field_validator("representations")
+    @classmethod
+    def _distinct_representations(cls, representations: list[str]) -> list[str]:
+        if len(set(representations)) != len(representations):
+            raise ValueError("each representation may appear once")
+        return representations
 
 
 class EvaluationConfig(_Section):

@@ -21,18 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import console
+from pipeline import console, distributed
+from pipeline.distributed import SINGLE, Ranks
 from pipeline.errors import KdpipeError
 from pipeline.loader import batch_loader, sequential_batches, weighted_batches
 from pipeline.metrics import tagging_metrics
 from pipeline.waveform_store import WaveformStore
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` means the first GPU when there is one."""
+def resolve_device(name: str, ranks: Ranks = SINGLE) -> torch.device:
+    """`auto` means the first GPU when there is one; under DDP each rank takes its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.device_for(ranks, torch.device(name))
 
 
 def lr_multiplier(epoch: int, warmup_epochs: int, rampdown_start: int, rampdown_epochs: int,
@@ -45,6 +46,10 @@ def lr_multiplier(epoch: int, warmup_epochs: int, rampdown_start: int, rampdown_
         return 1.0
     progress = min((epoch - rampdown_start) / rampdown_epochs, 1.0)
     return 1.0 - progress * (1.0 - last_value)
+
+
+Features = torch.Tensor | tuple[torch.Tensor, ...]
+"""A frontend's output: one tensor, or one per representation (multi-representation students)."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,10 @@ class Mixup:
         lam = np.maximum(lam, 1.0 - lam)
         return cls(torch.from_numpy(lam).to(device), torch.from_numpy(rng.permutation(batch)).to(device))
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """Mix a batch along dim 0 (features or targets)."""
+    def mix(self, x: Features) -> Features:
+        """Mix a batch along dim 0 (features or targets; each of a tuple of representations alike)."""
+        if isinstance(x, tuple):
+            return tuple(self.mix(part) for part in x)
         lam = self.lam.view(-1, *([1] * (x.dim() - 1)))
         return lam * x + (1.0 - lam) * x[self.perm]
 
@@ -69,19 +76,29 @@ class Mixup:
 @torch.inference_mode()
 def predict(model: nn.Module, frontend: nn.Module, store_path: Path, rows: np.ndarray, batch_size: int,
             device: torch.device, num_workers: int = 0, description: str = "predicting") -> np.ndarray:
-    """Logits (len(rows), classes) in the order of `rows`."""
+    """Logits (len(rows), classes) in the order of `rows` ((len(rows), members, classes) for a group)."""
     model.eval()
     frontend.eval()
     batches = sequential_batches(rows, batch_size)
-    outputs = np.empty((len(rows), 0), dtype=np.float32)
+    outputs: np.ndarray | None = None
     position = {row: i for i, row in enumerate(rows.tolist())}
     loader = batch_loader(store_path, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
     for waves, batch_rows in console.track(loader, len(batches), description):
         logits = model(frontend(waves.to(device, non_blocking=True).float() / 32768.0)).float().cpu().numpy()
-        if outputs.shape[1] == 0:
-            outputs = np.empty((len(rows), logits.shape[1]), dtype=np.float32)
+        if outputs is None:
+            outputs = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
         outputs[[position[r] for r in batch_rows.tolist()]] = logits
+    assert outputs is not None, "predict needs at least one row"
     return outputs
+
+
+def evaluation_record(targets: np.ndarray, scores: np.ndarray, members: tuple[str, ...] = ()) -> dict:
+    """Tagging metrics of the scores; for a group (scores N x members x C), per member, headed by the best."""
+    if scores.ndim == 2:
+        return tagging_metrics(targets, scores)
+    per_member = {name: tagging_metrics(targets, scores[:, k]) for k, name in enumerate(members)}
+    best = max(per_member, key=lambda name: per_member[name]["mAP"])
+    return {**per_member[best], "best_member": best, "members": per_member}
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mixup | None], torch.Tensor]
@@ -131,29 +148,37 @@ class FitSettings:
 
 def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: Callable[[int], list[np.ndarray]],
         eval_rows: np.ndarray, loss_fn: LossFn, settings: FitSettings, out_dir: Path,
-        device: torch.device) -> dict:
-    """Train for `settings.epochs`, evaluating after each; returns the best epoch's metrics."""
+        device: torch.device, ranks: Ranks = SINGLE) -> dict:
+    """Train for `settings.epochs`, evaluating after each; returns the best epoch's metrics.
+
+    With several ranks, each trains on its share of every epoch's batches under DDP;
+    rank 0 alone evaluates and writes, and the others wait for it at each epoch's end.
+    """
     store = WaveformStore.open(store_path)
     labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
     eval_targets = store.column("labels")[eval_rows].astype(bool)
+    members = tuple(getattr(model, "member_names", ()))
     model.to(device)
     frontend.to(device)
+    trained = distributed.wrap(model, ranks, device)
     optimizer_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_multiplier(
         e, settings.warmup_epochs, settings.rampdown_start, settings.rampdown_epochs, settings.last_lr_factor))
-    rng = np.random.default_rng([settings.seed, 1])
+    rng = np.random.default_rng([settings.seed, 1, ranks.rank])
     metrics_file = out_dir / "metrics.jsonl"
-    start, best = _resume(out_dir, model, optimizer, schedule, rng)
-    if start:
-        lines = metrics_file.read_text().splitlines()[:start]  # drop a line written after the last save
-        metrics_file.write_text("".join(line + "\n" for line in lines))
-        console.info(f"resuming after epoch {start} of {settings.epochs}")
+    distributed.barrier(ranks)  # rank 0 has prepared the output folder
+    start, best = _resume(out_dir, model, optimizer, schedule, rng, ranks)
+    if ranks.is_main:
+        lines = metrics_file.read_text().splitlines()[:start] if metrics_file.exists() else []
+        metrics_file.write_text("".join(line + "\n" for line in lines))  # drop lines written after the last save
+        if start:
+            console.info(f"resuming after epoch {start} of {settings.epochs}")
     for epoch in range(start, settings.epochs):
         started = time.time()
-        model.train()
+        trained.train()
         frontend.train()
-        batches = epoch_batches(epoch)
+        batches = distributed.shard(epoch_batches(epoch), ranks)
         loader = batch_loader(store_path, batches, num_workers=settings.num_workers,
                               pin_memory=device.type == "cuda")
         total, count = 0.0, 0
@@ -163,41 +188,61 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
             mixup = Mixup.draw(len(rows), settings.mixup_alpha, rng, device) if settings.mixup_alpha else None
             if mixup is not None:
                 features = mixup.mix(features)
-            loss = loss_fn(model(features), rows, labels[rows], mixup)
+            loss = loss_fn(trained(features), rows, labels[rows], mixup)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(rows)
             count += len(rows)
         schedule.step()
+        total, count = _sum_over_ranks((total, count), ranks)
+        if not ranks.is_main:
+            _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best, ranks)
+            continue
         scores = predict(model, frontend, store_path, eval_rows, settings.eval_batch_size, device,
                          settings.num_workers, "evaluating")
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1),
-                  **tagging_metrics(eval_targets, scores), "seconds": round(time.time() - started, 2)}
+                  **evaluation_record(eval_targets, scores, members), "seconds": round(time.time() - started, 2)}
         with open(metrics_file, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         torch.save(model.state_dict(), out_dir / "last.pt")
         if record["mAP"] > best["mAP"]:
             best = record
             torch.save(model.state_dict(), out_dir / "best.pt")
-        _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best)
+        _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best, ranks)
         console.info(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, eval mAP {record['mAP']:.4f}, "
                      f"mAUC {record['mAUC']:.4f}")
-    (out_dir / RESUME).unlink(missing_ok=True)
+    distributed.barrier(ranks)
+    if ranks.is_main:
+        (out_dir / RESUME).unlink(missing_ok=True)
     return best
+
+
+def _sum_over_ranks(values: tuple[float, ...], ranks: Ranks) -> tuple[float, ...]:
+    return tuple(sum(column) for column in zip(*distributed.gather(values, ranks)))
 
 
 RESUME = "resume.pt"
 
 
 def _save_resume_state(out_dir: Path, epochs_done: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, best: dict) -> None:
-    """Everything the next epoch depends on, written atomically: a run killed anywhere resumes exactly."""
+                       schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, best: dict,
+                       ranks: Ranks) -> None:
+    """Everything the next epoch depends on, written atomically: a run killed anywhere resumes exactly.
+
+    Model and optimizer are identical on every rank; the random states differ, so each
+    rank's are gathered and rank 0 writes them all.
+    """
+    rng_states = distributed.gather({
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "mixup_rng": rng.bit_generator.state,
+    }, ranks)
+    if not ranks.is_main:
+        return
     state = {
         "epochs_done": epochs_done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "mixup_rng": rng.bit_generator.state, "best": best,
+        "schedule": schedule.state_dict(), "ranks": rng_states, "best": best,
     }
     tmp = out_dir / f".{RESUME}.tmp"
     torch.save(state, tmp)
@@ -205,17 +250,22 @@ def _save_resume_state(out_dir: Path, epochs_done: int, model: nn.Module, optimi
 
 
 def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator) -> tuple[int, dict]:
+            schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
+            ranks: Ranks) -> tuple[int, dict]:
     """Restore a saved state if the folder has one; returns the epochs already done and the best so far."""
     path = out_dir / RESUME
     if not path.is_file():
         return 0, {"mAP": -1.0}
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if len(state["ranks"]) != ranks.world:
+        raise KdpipeError(f"{path} was saved by {len(state['ranks'])} processes; resume it with as many "
+                          f"(this run has {ranks.world}), or rerun with --force")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    rng.bit_generator.state = state["mixup_rng"]
+    mine = state["ranks"][ranks.rank]
+    torch.set_rng_state(mine["torch_rng"])
+    if mine["cuda_rng"]:
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
+    rng.bit_generator.state = mine["mixup_rng"]
     return int(state["epochs_done"]), state["best"]

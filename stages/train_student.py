@@ -2,7 +2,11 @@
 
 Inputs: the waveform store and, with KD on, the ensemble logits of
 extract-teachers. Parameters: `student.*`, `evaluation.split`, `seed`.
-Outputs: `best.pt` (best eval mAP, a plain state dict), `last.pt`, `metrics.jsonl`.
+Outputs: `best.pt` (best eval mAP), `last.pt`, `metrics.jsonl`, and `student.json`,
+which says how to rebuild the kept student (architecture, frontend, weights file):
+`trained_student()` reads it. In multi-representation mode `best.pt` / `last.pt`
+hold the whole group and `students/<representation>.pt` the plain students kept.
+Under torchrun every rank runs this stage; rank 0 alone writes.
 
 Loss = λ·BCE(student, labels) + (1 − λ)·BCE(student, sigmoid(teacher / T)),
 mixup on the spectrogram with the KD term mixed in loss space; clips without
@@ -11,7 +15,10 @@ a teacher row contribute no KD term.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline import frontends, loader, models, training
+from pipeline import collaborative, distributed, frontends, loader, models, training
 from pipeline.config import Config, StudentConfig
 from pipeline.errors import KdpipeError
 from pipeline.models import create_model, mobilenet
@@ -31,11 +38,31 @@ from stages.extract_teachers import NAME as EXTRACT
 NAME = "train-student"
 
 
-def build_student(config: Config, num_classes: int) -> torch.nn.Module:
-    """The student architecture; `student.width` applies to the width-free `mobilenetv3` entry."""
+def build_student(config: Config, num_classes: int, representation: str = "mel") -> torch.nn.Module:
+    """The student architecture; `student.width` applies to the width-free `mobilenetv3` entry.
+
+    `representation` swaps the model's mel frontend for MFCC or STFT features of the same shape.
+    """
     student = config.student
     extra = {"width": student.width} if student.arch == "mobilenetv3" else {}
-    return create_model(student.arch, **{"num_classes": num_classes, **extra, **student.options})
+    model = create_model(student.arch, **{"num_classes": num_classes, **extra, **student.options})
+    if representation != "mel":
+        model.frontend_config = frontends.representation_config(model.frontend_config, representation)
+    return model
+
+
+def trained_student(out_dir: Path, config: Config, num_classes: int) -> torch.nn.Module:
+    """The kept student of a finished train-student output, weights loaded, `frontend_config` set."""
+    description = json.loads((out_dir / "student.json").read_text())
+    model = build_student(config, num_classes, description["representation"])
+    models.load_checkpoint(model, out_dir / description["weights"])
+    return model
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
 
 
 def kd_loss(targets: torch.Tensor, has_target: torch.Tensor, label_weight: float) -> LossFn:
@@ -66,21 +93,47 @@ def teacher_targets(ctx: StageContext, n_clips: int, temperature: float,
             torch.from_numpy(present.astype(np.float32)).to(device))
 
 
+def build_group(config: Config, num_classes: int, sample_rate: int
+                ) -> tuple[collaborative.StudentGroup, collaborative.RepresentationFrontends]:
+    """One student per configured representation, and their frontends."""
+    students = {rep: build_student(config, num_classes, rep) for rep in config.student.representations}
+    return (collaborative.StudentGroup(students), collaborative.RepresentationFrontends(
+        {rep: frontends.build_frontend(model.frontend_config, sample_rate) for rep, model in students.items()}))
+
+
+def keep_students(out_dir: Path, group: collaborative.StudentGroup, best: dict[str, Any], keep: str) -> str:
+    """Write the kept members' best weights as plain students; returns the best member's weights file."""
+    state = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
+    (out_dir / "students").mkdir(exist_ok=True)
+    kept = group.member_names if keep == "all" else (best["best_member"],)
+    for name in kept:
+        tmp = out_dir / "students" / f".{name}.pt.tmp"
+        torch.save(group.member_state_dict(name, state), tmp)
+        os.replace(tmp, out_dir / "students" / f"{name}.pt")
+    return f"students/{best['best_member']}.pt"
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config
     student = config.student
+    ranks = distributed.current()
     store_path = ctx.upstream["prepare"] / "waveforms.zarr"
     store = WaveformStore.open(store_path)
     train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, NAME)
-    device = training.resolve_device(config.device)
+    device = training.resolve_device(config.device, ranks)
     torch.manual_seed(config.seed)
-    model = build_student(config, len(store.classes))
-    frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
+    if student.representations:
+        model, frontend = build_group(config, len(store.classes), store.sample_rate)
+    else:
+        model = build_student(config, len(store.classes))
+        frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
     if student.kd.enabled:
         targets, present = teacher_targets(ctx, store.n_clips, student.kd.temperature, device)
         loss_fn = kd_loss(targets, present, student.kd.label_weight)
     else:
         loss_fn = training.label_loss
+    if student.representations:
+        loss_fn = collaborative.collaborative_loss(loss_fn, student.mutual_weight)
     weights = loader.class_balanced_weights(store.column("labels")[train_rows])
     epoch_batches = training.weighted_epochs(train_rows, weights, student.epoch_samples, student.batch_size,
                                              config.seed)
@@ -90,10 +143,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
         rampdown_epochs=student.rampdown_epochs, last_lr_factor=student.last_lr_factor,
         mixup_alpha=student.mixup_alpha, eval_batch_size=config.evaluation.batch_size,
         num_workers=student.num_workers, seed=config.seed,
-    ), ctx.out_dir, device)
-    return {"arch": student.arch, "kd": student.kd.enabled, "best_epoch": best["epoch"], "mAP": best["mAP"],
-            "mAUC": best["mAUC"], "d_prime": best["d_prime"],
-            "parameters": sum(p.numel() for p in model.parameters())}
+    ), ctx.out_dir, device, ranks)
+    if not ranks.is_main:
+        return {}
+    representation, weights = "mel", "best.pt"
+    if isinstance(model, collaborative.StudentGroup):
+        representation = best["best_member"]
+        weights = keep_students(ctx.out_dir, model, best, student.keep)
+    kept = models.load_checkpoint(build_student(config, len(store.classes), representation), ctx.out_dir / weights)
+    _write_json(ctx.out_dir / "student.json", {"arch": student.arch, "representation": representation,
+                                               "frontend": kept.frontend_config, "weights": weights})
+    summary = {"arch": student.arch, "kd": student.kd.enabled, "representation": representation,
+               "best_epoch": best["epoch"], "mAP": best["mAP"], "mAUC": best["mAUC"], "d_prime": best["d_prime"],
+               "parameters": sum(p.numel() for p in kept.parameters())}
+    if "members" in best:
+        summary["members"] = {name: metrics["mAP"] for name, metrics in best["members"].items()}
+    return summary
 
 
 def available(config: Config) -> bool:
@@ -107,9 +172,9 @@ def stage(config: Config) -> Stage:
     return Stage(
         name=NAME,
         params=(*keyed, "evaluation.split", "seed"),
-        outputs=("best.pt", "last.pt", "metrics.jsonl"),
+        outputs=("best.pt", "last.pt", "metrics.jsonl", "student.json"),
         run=run,
-        code=(sys.modules[__name__], training, loader, frontends, models, mobilenet),
+        code=(sys.modules[__name__], training, loader, frontends, models, mobilenet, collaborative, distributed),
         upstream=("prepare", EXTRACT) if kd else ("prepare",),
         resumable=True,
     )

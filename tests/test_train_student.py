@@ -7,19 +7,24 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from pipeline import training
 from pipeline.cli import app
+from pipeline.collaborative import StudentGroup, collaborative_loss, mutual_term
+from pipeline.distributed import Ranks, shard
 from pipeline.config import load_config
 from pipeline.models import create_model, load_checkpoint
 from pipeline.runner import Pipeline
 from pipeline.training import Mixup
 from stages import build_stages
-from stages.train_student import kd_loss
+from stages.train_student import build_student, kd_loss, trained_student
 
 
 def test_kd_loss_follows_efficientat_semantics():
@@ -134,3 +139,93 @@ def test_cmkd_in_both_directions(small_demo, tmp_path, teacher, student):
     assert record["summary"]["arch"] == student and record["summary"]["kd"] is True
     assert pipeline.stage("train-student").upstream == ("prepare", "extract-teachers")
     load_checkpoint(create_model(student, num_classes=12), out / "best.pt")
+
+
+def test_shard_gives_each_rank_every_world_th_batch():
+    batches = [np.arange(i * 4, i * 4 + 4) for i in range(7)]
+    first, second = shard(batches, Ranks(0, 2)), shard(batches, Ranks(1, 2))
+    assert len(first) == len(second) == 3  # the seventh batch would leave rank 1 without a partner
+    for a, b, whole in zip(first, second, [batches[0:2], batches[2:4], batches[4:6]]):
+        assert np.array_equal(np.concatenate([a, b]), np.concatenate(whole))
+    assert shard(batches, Ranks()) == batches
+
+
+def test_two_gloo_ranks_train_like_one_process_with_their_combined_batch(small_demo, tmp_path):
+    """`--gpus 2` on CPU: DDP over gloo averages gradients, so 2 ranks x batch 4 = 1 process x batch 8.
+
+    AST has no dropout or random patchout, and mixup is off: nothing random differs between ranks.
+    """
+    common = ("student.arch=ast_tiny", "student.mixup_alpha=0", "student.epochs=2", "device=cpu")
+    single = make(small_demo, tmp_path, *common, "student.batch_size=8")
+    single_out = single.ensure("train-student")
+    command = [sys.executable, "-m", "pipeline", "train-student", "--gpus", "2",
+               *[f"--set={item}" for item in settings(small_demo, tmp_path, *common, "student.batch_size=4")]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("train-student: building") == 1  # rank 0 alone builds and records
+    assert "extract-teachers: cached" in result.stderr
+    ddp_out = Path(result.stdout.strip()).parent
+    assert (ddp_out / "record.json").is_file() and ddp_out != single_out
+    assert sorted(path.name for path in ddp_out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl",
+                                                               "record.json", "student.json"]
+    ddp_lines = [json.loads(line) for line in (ddp_out / "metrics.jsonl").read_text().splitlines()]
+    single_lines = [json.loads(line) for line in (single_out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in ddp_lines] == [1, 2]
+    for a, b in zip(ddp_lines, single_lines):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-6)
+    trained = torch.load(ddp_out / "last.pt", weights_only=True)
+    reference = torch.load(single_out / "last.pt", weights_only=True)
+    assert trained.keys() == reference.keys()  # plain keys, no DDP `module.` prefix
+    for key in reference:
+        torch.testing.assert_close(trained[key], reference[key], rtol=0, atol=1e-6)
+
+
+def test_mutual_term_is_nonzero_and_changes_every_members_gradients():
+    torch.manual_seed(0)
+    students = {rep: create_model("mn_tiny", num_classes=5) for rep in ("mel", "mfcc")}
+    group = StudentGroup(students)
+    features = tuple(torch.randn(3, 1, 128, 100) for _ in students)
+    labels, rows = (torch.rand(3, 5) > 0.5).float(), torch.arange(3)
+
+    def gradients(mutual_weight: float) -> dict[str, torch.Tensor]:
+        group.zero_grad()
+        collaborative_loss(training.label_loss, mutual_weight)(group(features), rows, labels, None).backward()
+        return {key: p.grad.clone() for key, p in group.named_parameters() if p.grad is not None}
+
+    group.eval()  # BatchNorm statistics stay put between the two passes
+    with torch.no_grad():  # fresh mn heads give logits of about 1e-9: make the members disagree visibly
+        for parameter in group.parameters():
+            parameter.normal_(0.0, 0.2)
+    logits = group(features)
+    assert logits.shape == (3, 2, 5)
+    term = mutual_term(logits)
+    expected = (F.binary_cross_entropy_with_logits(logits[:, 0], torch.sigmoid(logits[:, 1]))
+                + F.binary_cross_entropy_with_logits(logits[:, 1], torch.sigmoid(logits[:, 0]))) / 2
+    torch.testing.assert_close(term, expected)
+    assert term.item() > 0
+    alone, together = gradients(0.0), gradients(1.0)
+    assert alone.keys() == together.keys()
+    for name in students:  # each member's gradients move once its peer's predictions count
+        member = [key for key in alone if key.startswith(f"students.{name}.")]
+        assert member and any(not torch.equal(alone[key], together[key]) for key in member)
+    assert mutual_term(logits[:, :1]).item() == 0.0
+
+
+def test_multi_representation_students_train_together_and_keep_the_best(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path, "student.arch=mn_tiny", "student.representations=[mel,mfcc,stft]",
+                    "student.keep=all", "student.epochs=1")
+    out = pipeline.ensure("train-student")
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(line["members"]) == {"mel", "mfcc", "stft"}
+    assert line["mAP"] == max(member["mAP"] for member in line["members"].values())
+    description = json.loads((out / "student.json").read_text())
+    assert description["representation"] == line["best_member"]
+    assert description["frontend"]["kind"] == line["best_member"]
+    assert sorted(path.name for path in (out / "students").iterdir()) == ["mel.pt", "mfcc.pt", "stft.pt"]
+    config = pipeline.config
+    student = trained_student(out, config, 12)
+    assert student.frontend_config == description["frontend"]
+    stft = build_student(config, 12, "stft")
+    load_checkpoint(stft, out / "students" / "stft.pt")  # each kept member is a plain student
+    assert stft.frontend_config["kind"] == "stft"
