@@ -142,6 +142,8 @@ class StudentConfig(_Section):
     mutual_weight: float = Field(1.0, ge=0, description="weight of the mutual-KD term between representations")
     keep: Literal["best", "all"] = Field("best", description="multi-representation mode: keep the best student "
                                          "or every student")
+    seed: int | None = Field(None, ge=0, description="the student's own seed (init, sampling, mixup); "
+                             "default: the run's seed. Vary it to repeat a student over the same teacher logits")
     num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
     @field_validator("representations")

@@ -239,15 +239,22 @@ def _write_class_list(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _weak_labels(rng: np.random.Generator, classes: list[int], missing_labels: float) -> list[int]:
+    """AudioSet-style weak labels: each event but the clip's first goes unlabelled with this probability."""
+    return [c for i, c in enumerate(classes) if i == 0 or rng.random() >= missing_labels]
+
+
 def write_demo_dataset(
-    root: Path, *, n_train: int = 240, n_eval: int = 80, clip_seconds: float = 2.0, seed: int = 0
+    root: Path, *, n_train: int = 240, n_eval: int = 80, clip_seconds: float = 2.0, seed: int = 0,
+    missing_labels: float = 0.0,
 ) -> DemoDataset:
     """Generate (or regenerate, overwriting) the demo dataset under ``root``.
 
     Each clip draws from its own ``SeedSequence([seed, split, index])`` so the output is
     byte-identical for the same arguments, independent of generation order, and the eval
     clips do not change when ``n_train`` does. Train labels are display names, eval labels
-    are mids, so both spellings the manifest accepts are exercised.
+    are mids, so both spellings the manifest accepts are exercised. `missing_labels` leaves
+    events of train clips unlabelled, as AudioSet's annotators often did; eval labels stay complete.
     """
     if clip_seconds < 0.1:
         raise ValueError(f"clip_seconds must be at least 0.1, got {clip_seconds}")
@@ -264,7 +271,8 @@ def write_demo_dataset(
             clip_id = f"demo_{split}_{index:04d}"
             rel_path = f"audio/{clip_id}.{fmt.container.lower()}"
             _write_clip(root / rel_path, _render_clip(rng, classes, fmt, clip_seconds), fmt)
-            labels = [DEMO_CLASSES[c][1 if split == "train" else 0] for c in classes]
+            labelled = _weak_labels(rng, classes, missing_labels) if split == "train" else classes
+            labels = [DEMO_CLASSES[c][1 if split == "train" else 0] for c in labelled]
             rows.append((clip_id, rel_path, ";".join(labels), split))
     manifest, class_list = root / "manifest.csv", root / "class_labels_indices.csv"
     _write_manifest(manifest, rows)

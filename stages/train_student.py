@@ -121,7 +121,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     store = WaveformStore.open(store_path)
     train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, NAME)
     device = training.resolve_device(config.device, ranks)
-    torch.manual_seed(config.seed)
+    seed = config.seed if student.seed is None else student.seed
+    torch.manual_seed(seed)
     if student.representations:
         model, frontend = build_group(config, len(store.classes), store.sample_rate)
     else:
@@ -136,13 +137,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         loss_fn = collaborative.collaborative_loss(loss_fn, student.mutual_weight)
     weights = loader.class_balanced_weights(store.column("labels")[train_rows])
     epoch_batches = training.weighted_epochs(train_rows, weights, student.epoch_samples, student.batch_size,
-                                             config.seed)
+                                             seed)
     best = training.fit(model, frontend, store_path, epoch_batches, eval_rows, loss_fn, FitSettings(
         epochs=student.epochs, lr=student.lr, optimizer="adam", weight_decay=0.0,
         warmup_epochs=student.warmup_epochs, rampdown_start=student.rampdown_start,
         rampdown_epochs=student.rampdown_epochs, last_lr_factor=student.last_lr_factor,
         mixup_alpha=student.mixup_alpha, eval_batch_size=config.evaluation.batch_size,
-        num_workers=student.num_workers, seed=config.seed,
+        num_workers=student.num_workers, seed=seed,
     ), ctx.out_dir, device, ranks)
     if not ranks.is_main:
         return {}
