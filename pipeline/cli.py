@@ -236,6 +236,78 @@ def import_logits(
     console.out.print(config_module.dump_yaml([entry]), end="", markup=False)
 
 
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="student (the run's trained student), a teacher "
+                                           "of the config by name, or a checkpoint file (with --arch).")]
+ArchOption = Annotated[str | None, typer.Option(help="Registry architecture of a checkpoint file given as --model, "
+                                                 "e.g. mn10 (see `kdpipe models`).")]
+
+
+@app.command()
+@user_errors
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG, MP3, ...), any length and rate.",
+                                                exists=True, dir_okay=False)],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    model: ModelOption = "student",
+    arch: ArchOption = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Labels per file (and per window in --windows).")] = 10,
+    windows: Annotated[Path | None, typer.Option(help="Also write per-window predictions to this CSV.")] = None,
+    window_seconds: Annotated[float | None, typer.Option(min=0.01, help="Window length; default data.clip_seconds, "
+                                                         "the training clip length.")] = None,
+    hop_seconds: Annotated[float | None, typer.Option(min=0.01, help="Hop between windows; default the window "
+                                                      "length.")] = None,
+) -> None:
+    """Top labels of audio files from a trained model: windows of the training clip length, averaged."""
+    from pipeline.predict import predict_files, top_k as ranked, write_windows_csv
+    from pipeline.tagger import load_tagger
+    from pipeline.training import resolve_device
+
+    resolved = resolve_config(config, set_)
+    tagger = load_tagger(make_pipeline(resolved), model, arch, resolve_device(resolved.device))
+    predictions = predict_files(tagger, files, window_seconds, hop_seconds, resolved.evaluation.batch_size)
+    for prediction in predictions:
+        console.out.print(f"{prediction.path} ({prediction.seconds:.2f} s, {len(prediction.starts)} window(s))",
+                          markup=False)
+        for label, probability in ranked(prediction.probabilities, tagger.classes.names, top_k):
+            console.out.print(f"  {probability:.3f}  {label}", markup=False)
+    if windows is not None:
+        write_windows_csv(predictions, tagger.classes.names, windows, top_k)
+        console.info(f"per-window predictions: {windows}")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    format: Annotated[str, typer.Option(help="onnx or torchscript.")] = "onnx",
+    model: ModelOption = "student",
+    arch: ArchOption = None,
+    with_frontend: Annotated[bool, typer.Option("--with-frontend/--no-frontend", help="Take float32 waveforms "
+                                                "(batch, samples) at data.sample_rate, or the model's "
+                                                "features.")] = True,
+    out: Annotated[Path | None, typer.Option(help="File to write; default <model>[-features].onnx or "
+                                             "<model>[-features].torchscript.pt.")] = None,
+) -> None:
+    """Export a trained model (dynamic batch; class list and frontend settings inside) and check it against torch."""
+    from pipeline.export import FORMATS, PARITY_BATCHES, PARITY_TOLERANCE, SUFFIXES, export_tagger
+    from pipeline.tagger import load_tagger
+
+    if format not in FORMATS:
+        raise ConfigError(f"--format: one of {', '.join(FORMATS)}; got {format!r}")
+    tagger = load_tagger(make_pipeline(resolve_config(config, set_)), model, arch)
+    path = out or Path(f"{tagger.name}{'' if with_frontend else '-features'}{SUFFIXES[format]}")
+    result = export_tagger(tagger, path, format, with_frontend)
+    runtime = "onnxruntime" if format == "onnx" else "torch.jit.load"
+    console.info(f"parity: {runtime} against torch at batch sizes {', '.join(map(str, PARITY_BATCHES))}: "
+                 f"max abs logit difference {result.max_abs_diff:.2e}")
+    if result.max_abs_diff > PARITY_TOLERANCE:
+        console.err.print(f"[yellow]warning:[/yellow] the difference exceeds {PARITY_TOLERANCE:g}; "
+                          f"compare the exported model's outputs before deploying it")
+    console.out.print(str(path))
+
+
 @app.command()
 @user_errors
 def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,

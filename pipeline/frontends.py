@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as taf
+import torchaudio.transforms as tat
 from torch import nn
 
 # Windowed-sinc resampling with a Kaiser window (beta 14.77, torchaudio's Kaiser
@@ -75,7 +76,9 @@ class _Fp32Frontend(nn.Module):
         if waveforms.dim() != 2:
             raise ValueError(f"expected (batch, samples) waveforms, got shape {tuple(waveforms.shape)}")
         with torch.autocast(waveforms.device.type, enabled=False):
-            if waveforms.device.type == "cpu" and len(waveforms) > CPU_SUB_BATCH:
+            # Not while exporting or tracing: reading the batch size would fix it in the exported graph.
+            exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+            if not exporting and waveforms.device.type == "cpu" and len(waveforms) > CPU_SUB_BATCH:
                 # Elementwise passes over a large batch leave the CPU caches: small pieces run ~1.7x faster.
                 return torch.cat([self.compute(part.float()) for part in waveforms.split(CPU_SUB_BATCH)])
             return self.compute(waveforms.float())
@@ -89,22 +92,30 @@ class _Fp32Frontend(nn.Module):
 
 
 class Resample(_Fp32Frontend):
-    """On-device resampling with the same filter as resample(), for models whose rate differs from the store's."""
+    """On-device resampling with the same filter as resample(), for models whose rate differs from the store's.
+
+    The filter kernel is computed once, in fp32 like taf.resample computes it for fp32 input (so the
+    output is bit-identical), and kept as a buffer: no per-batch recomputation, and an exported graph
+    holds a constant kernel (ONNX has no Bessel function to build the Kaiser window with).
+    """
 
     def __init__(self, orig_sr: int, new_sr: int):
         super().__init__()
         self.orig_sr, self.sample_rate = orig_sr, new_sr
-
-    def compute(self, waveforms: torch.Tensor) -> torch.Tensor:
-        return taf.resample(
-            waveforms,
-            self.orig_sr,
-            self.sample_rate,
+        self.resampler = tat.Resample(
+            orig_sr,
+            new_sr,
+            resampling_method=RESAMPLING_METHOD,
             lowpass_filter_width=LOWPASS_FILTER_WIDTH,
             rolloff=ROLLOFF,
-            resampling_method=RESAMPLING_METHOD,
             beta=KAISER_BETA,
+            dtype=torch.float32,
         )
+        # Derived from the rates like every frontend buffer here, so kept out of state dicts.
+        self.resampler.register_buffer("kernel", self.resampler.kernel, persistent=False)
+
+    def compute(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return self.resampler(waveforms)
 
 
 PREEMPHASIS = 0.97

@@ -1,10 +1,16 @@
-"""Shared fixtures: small generated datasets and the official AudioSet metadata."""
+"""Shared fixtures: small generated datasets, a tiny trained run, and the official AudioSet metadata."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipeline.config import load_config
 from pipeline.demo_data import DemoDataset, write_demo_dataset
+from pipeline.models import create_model
+from pipeline.runner import Pipeline
+from stages import build_stages
 
 AUDIOSET_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "audioset"
 
@@ -21,3 +27,28 @@ def audioset_metadata() -> Path:
 def small_demo(tmp_path_factory) -> DemoDataset:
     """A 24-clip demo dataset of 1 s clips in mixed formats and sample rates."""
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_eval=8, clip_seconds=1.0)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    settings: list[str]  # the --set items that describe the run
+    pipeline: Pipeline
+    teacher_checkpoint: Path  # the weights of teacher passt_tiny (untrained, seeded)
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_demo, tmp_path_factory) -> TrainedRun:
+    """small_demo with a one-epoch no-KD student built; teacher passt_tiny has a checkpoint file,
+    teacher mn_tiny (trained by train-teacher) is never built."""
+    from test_train_student import settings
+
+    root = tmp_path_factory.mktemp("trained_run")
+    checkpoint = root / "passt_tiny.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("passt_tiny", num_classes=12).state_dict(), checkpoint)
+    items = settings(small_demo, root / "cache", "teachers.1.arch=passt_tiny", f"teachers.1.checkpoint={checkpoint}",
+                     "student.kd.enabled=false", "student.epochs=1", "student.epoch_samples=8")
+    config = load_config(None, items)
+    pipeline = Pipeline(build_stages(config), config)
+    pipeline.ensure("train-student")
+    return TrainedRun(items, pipeline, checkpoint)

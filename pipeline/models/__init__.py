@@ -62,8 +62,11 @@ def create_model(name: str, checkpoint: Path | None = None, **overrides: Any) ->
     state = read_state_dict(checkpoint)
     model = _FACTORIES[name](**overrides)
     infer = _INFER.get(type(model))
-    if infer is not None:
-        inferred = infer(state, model)
+    try:
+        inferred = infer(state, model) if infer is not None else None
+    except (KeyError, IndexError, ValueError):
+        inferred = None  # another family's checkpoint: the strict load below says what does not match
+    if inferred is not None:
         inferred.update(overrides)
         model = _FACTORIES[name](**inferred)
     _load_strict(model, state, checkpoint)

@@ -1,0 +1,136 @@
+"""A trained tagger ready to run: the network, its frontend, its class names, and the audio it expects.
+
+`load_tagger` finds the model a user names: the run's student (the one train-student kept), a
+teacher of the config (its checkpoint, or its train-teacher output), or a checkpoint file with its
+registry architecture (e.g. EfficientAT's mn10_as.pt). It never trains anything: a stage that is not
+built is an error naming the command that builds it. `kdpipe predict` and `kdpipe export` share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, KdpipeError
+from pipeline.frontends import build_frontend
+from pipeline.manifests import ClassList, read_class_list
+from pipeline.models import create_model
+from pipeline.models.passt import windowed_forward
+from pipeline.runner import Pipeline
+from pipeline.waveform_store import WaveformStore
+from stages import train_student, train_teacher
+from stages.extract_teachers import checkpoint_path
+
+STUDENT = "student"
+
+
+@dataclass(frozen=True)
+class Tagger:
+    """A model in eval mode with the frontend it was trained with, on one device."""
+
+    name: str  # "student", a teacher's name, or the checkpoint file's stem
+    model: nn.Module
+    frontend: nn.Module  # waveforms at `sample_rate` -> the model's input
+    frontend_config: dict[str, Any]
+    classes: ClassList
+    sample_rate: int  # the store's rate: what the frontend takes
+    clip_seconds: float  # the training clip length
+    device: torch.device
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.clip_seconds * self.sample_rate)
+
+    @torch.inference_mode()
+    def logits(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) float waveforms in [-1, 1] -> (batch, classes) fp32 logits on the CPU."""
+        features = self.frontend(waveforms.to(self.device).float())
+        if features.shape[-1] > getattr(self.model, "max_frames", features.shape[-1]):
+            return windowed_forward(self.model, features).float().cpu()  # longer than a transformer takes
+        return self.model(features).float().cpu()
+
+
+def load_tagger(pipeline: Pipeline, model: str = STUDENT, arch: str | None = None,
+                device: torch.device | None = None) -> Tagger:
+    """The tagger `model` names: "student", a teacher's name, or a checkpoint file (with `arch`)."""
+    config = pipeline.config
+    teachers = {teacher.label: teacher for teacher in config.teachers}
+    if arch is not None and (model == STUDENT or model in teachers):
+        raise ConfigError(f"--arch goes with a checkpoint file; {model!r} takes its architecture from the config")
+    frontend_overrides: dict[str, Any] = {}
+    try:
+        if model == STUDENT:
+            network, name = _student(pipeline), STUDENT
+        elif model in teachers:
+            network, name = _teacher(pipeline, model), model
+            frontend_overrides = dict(teachers[model].frontend)
+        else:
+            network, name = _checkpoint_file(Path(model), arch, sorted(teachers)), Path(model).stem
+    except ConfigError:
+        raise
+    except KdpipeError as exc:  # a checkpoint that does not fit its architecture: the user named the wrong pair
+        raise ConfigError(str(exc)) from None
+    classes = run_classes(pipeline)
+    device = device or torch.device("cpu")
+    frontend_config = {**network.frontend_config, **frontend_overrides}
+    tagger = Tagger(name, network.eval().to(device),
+                    build_frontend(frontend_config, config.data.sample_rate).eval().to(device),
+                    frontend_config, classes, config.data.sample_rate, config.data.clip_seconds, device)
+    outputs = tagger.logits(torch.zeros(1, tagger.clip_samples)).shape[1]
+    if outputs != len(classes):
+        raise ConfigError(f"{name} predicts {outputs} classes but the class list has {len(classes)}: set "
+                          "data.class_list to the list it was trained on (AudioSet's class_labels_indices.csv "
+                          "for the published checkpoints)")
+    return tagger
+
+
+def run_classes(pipeline: Pipeline) -> ClassList:
+    """The run's classes: `data.class_list`, else the labels the prepared store found."""
+    config = pipeline.config
+    if config.data.class_list is not None:
+        return read_class_list(config.data.class_list)
+    if pipeline.status("prepare").state == "fresh":
+        return WaveformStore.open(built_output(pipeline, "prepare", "prepare") / "waveforms.zarr").classes
+    raise ConfigError("no class names: set data.class_list (e.g. --set data.class_list=class_labels_indices.csv) "
+                      "or run `kdpipe prepare` first")
+
+
+def built_output(pipeline: Pipeline, stage: str, command: str) -> Path:
+    """The output folder of `stage` under the current config; an error naming `command` if it is not built."""
+    state = pipeline.status(stage)
+    if state.state != "fresh":
+        why = "; ".join(state.reasons) or "never built"
+        raise ConfigError(f"{stage} is {state.state} for this config ({why}): run `kdpipe {command}` "
+                          "first, with the same --config and --set")
+    return pipeline.cache.entry_dir(stage, state.key)
+
+
+def _student(pipeline: Pipeline) -> nn.Module:
+    if train_student.NAME not in pipeline.stages:
+        raise ConfigError("this config has no student: student.kd.enabled is true but teachers is empty")
+    folder = built_output(pipeline, train_student.NAME, train_student.NAME)
+    return train_student.trained_student(folder, pipeline.config, len(run_classes(pipeline)))
+
+
+def _teacher(pipeline: Pipeline, name: str) -> nn.Module:
+    teacher = next(teacher for teacher in pipeline.config.teachers if teacher.label == name)
+    if teacher.arch is None:
+        raise ConfigError(f"teacher {name} is imported logits: there is no model to run")
+    upstream = {}
+    if teacher.trainable:
+        stage = train_teacher.stage_name(teacher)
+        upstream[stage] = built_output(pipeline, stage, f"train-teacher --teacher {name}")
+    return create_model(teacher.arch, checkpoint=checkpoint_path(teacher, upstream), **teacher.options)
+
+
+def _checkpoint_file(path: Path, arch: str | None, teachers: list[str]) -> nn.Module:
+    if not path.is_file():
+        known = ", ".join([STUDENT, *teachers])
+        raise ConfigError(f"--model {path}: not a model of this config ({known}) nor a checkpoint file")
+    if arch is None:
+        raise ConfigError(f"--model {path}: a checkpoint file needs --arch, its registry name (see `kdpipe models`)")
+    return create_model(arch, checkpoint=path)
