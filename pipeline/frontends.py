@@ -370,3 +370,24 @@ def frames_for(seconds: float, config: dict[str, Any]) -> int:
     """Time frames the frontend of config produces for a clip of this length (sizes models)."""
     frontend = _frontend(config)
     return frontend.num_frames(round(seconds * frontend.sample_rate))
+
+
+REPRESENTATIONS = ("mel", "mfcc", "stft")
+
+
+def representation_config(base: dict[str, Any], representation: str) -> dict[str, Any]:
+    """A model's frontend config turned into another representation of the same shape.
+
+    MFCC keeps n_mels coefficients and the STFT is pooled to n_mels bins, so every
+    representation fits the same architecture (multi-representation students).
+    """
+    if base.get("kind") != "mel":
+        raise ValueError(f"representations derive from a mel frontend; this model's is {base.get('kind')!r}")
+    if representation == "mel":
+        return dict(base)
+    if representation == "mfcc":
+        return {**base, "kind": "mfcc", "n_mfcc": base.get("n_mels", 128)}
+    if representation == "stft":
+        shared = {key: base[key] for key in ("sample_rate", "n_fft", "win_length", "hop_length") if key in base}
+        return {"kind": "stft", **shared, "n_bins": base.get("n_mels", 128)}
+    raise ValueError(f"unknown representation {representation!r}; expected one of {REPRESENTATIONS}")
