@@ -175,6 +175,40 @@ def train_student(
     console.out.print(str(out / "best.pt"))
 
 
+@app.command()
+@user_errors
+def evaluate(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+             no_wait: NoWaitOption = False) -> None:
+    """Score every teacher, the ensemble and every student on evaluation.split; write metrics, CSV and report.md."""
+    from stages.evaluate import NAME
+
+    pipeline = make_pipeline(resolve_config(config, set_))
+    if NAME not in pipeline.stages:
+        raise KdpipeError("nothing to evaluate: list teachers, or train the baseline with "
+                          "--set student.kd.enabled=false")
+    out = pipeline.ensure(NAME, force=force, wait=not no_wait)
+    console.out.print(evaluation_table(out / "metrics.json", ("mAP", "mAUC", "d_prime", "lwlrap")))
+    console.out.print(str(out / "report.md"))
+
+
+def evaluation_table(metrics_json: Path, metrics: tuple[str, ...]) -> Table:
+    """One row per evaluated model: the chosen metrics, parameters, MACs per clip and clips/s."""
+    import json
+
+    from pipeline.report import format_count
+
+    result = json.loads(metrics_json.read_text())
+    names = {"mAP": "mAP", "mAUC": "mAUC", "d_prime": "d-prime", "lwlrap": "lwlrap"}
+    table = Table("model", *(f"{result['split']} {names[m]}" for m in metrics), "parameters",
+                  f"MACs ({result['clip_seconds']:g} s clip)", "clips/s",
+                  title=f"{result['clips']} {result['split']} clips; clips/s on {result['device']}")
+    for model in result["models"]:
+        size = ((format_count(model["parameters"]), format_count(model["macs"]), f"{model['clips_per_second']:.1f}")
+                if "parameters" in model else ("n/a",) * 3)
+        table.add_row(model["label"], *(f"{model[m]:.4f}" for m in metrics), *size)
+    return table
+
+
 @app.command("export-logits")
 @user_errors
 def export_logits(
@@ -341,6 +375,9 @@ def demo(
 ) -> None:
     """Generate the embedded demo data and run every stage on it with configs/demo.yaml."""
     from pipeline.demo_data import write_demo_dataset
+    from stages.evaluate import NAME as EVALUATE
+    from stages.evaluate import baseline_config
+    from stages.train_student import NAME as STUDENT
 
     started = time.time()
     demo_config = resources.files("pipeline.configs").joinpath("demo.yaml")
@@ -356,35 +393,15 @@ def demo(
     config_module.check_input_files(config)
     resolved = out / "demo.yaml"
     resolved.write_text(config_module.dump_yaml(config_module.to_plain(config)))
+    make_pipeline(baseline_config(config)).ensure(STUDENT, force=force)  # first: evaluate scores it too
     pipeline = make_pipeline(config)
     for name in pipeline.stages:
         pipeline.ensure(name, force=force)
-    baseline = make_pipeline(load_config(resolved, ["student.kd.enabled=false"]))
-    baseline.ensure("train-student", force=force)
-    console.out.print(demo_summary(pipeline, baseline))
+    evaluated = pipeline.ensure(EVALUATE)
+    console.out.print(evaluation_table(evaluated / "metrics.json", ("mAP",)))
+    console.out.print(f"report: {evaluated / 'report.md'}")
     console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
     console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")
-
-
-def demo_summary(pipeline: Pipeline, baseline: Pipeline) -> Table:
-    """Eval mAP of every teacher, the ensemble, and the student with and without KD."""
-    from stages.extract_teachers import NAME as EXTRACT
-    from stages.train_student import NAME as STUDENT
-
-    def summary(of: Pipeline, stage: str) -> dict[str, Any]:
-        record = of.cache.record(stage, of.key(stage))
-        assert record is not None, f"{stage} was just built"
-        return record["summary"]
-
-    table = Table("model", "eval mAP", "parameters", title="kdpipe demo")
-    teachers = summary(pipeline, EXTRACT)["mAP"]
-    for name in sorted(teachers, key=lambda name: name == "ensemble"):  # the ensemble last
-        label = "teacher ensemble" if name == "ensemble" else f"teacher {name}"
-        table.add_row(label, f"{teachers[name]:.4f}", "")
-    for label, of in (("student, with KD", pipeline), ("student, no KD", baseline)):
-        result = summary(of, STUDENT)
-        table.add_row(label, f"{result['mAP']:.4f}", f"{result['parameters'] / 1e6:.3f} M")
-    return table
 
 
 @app.command("models")

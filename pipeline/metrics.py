@@ -1,4 +1,4 @@
-"""Audio-tagging metrics as AudioSet papers report them: mAP, mAUC and d-prime.
+"""Audio-tagging metrics as AudioSet papers report them: mAP, mAUC and d-prime; and DCASE's lwlrap.
 
 Macro averages over the classes that have at least one positive (and, for
 AUC, one negative) in the evaluated set, so a subset of AudioSet evaluates
@@ -47,6 +47,29 @@ def d_prime(auc: float) -> float:
     """Sensitivity index from AUC, as AudioSet papers report it: sqrt(2) * Phi^-1(AUC)."""
     auc = min(max(auc, 1e-12), 1 - 1e-12)
     return math.sqrt(2.0) * NormalDist().inv_cdf(auc)
+
+
+def lwlrap(targets: np.ndarray, scores: np.ndarray) -> float:
+    """Label-weighted label-ranking average precision (DCASE 2019 task 2): every positive label counts once.
+
+    For each positive (clip, label): the share of positives among the labels its clip ranks at or above it.
+    Ties count pessimistically (a tied label ranks above), as in scikit-learn's LRAP; lwlrap is LRAP with
+    each clip weighted by its number of positives. NaN when there are no positives.
+    """
+    targets = np.asarray(targets, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not targets.any():
+        return math.nan
+    order = np.argsort(-scores, axis=1, kind="mergesort")
+    ranked_scores = np.take_along_axis(scores, order, axis=1)
+    ranked_targets = np.take_along_axis(targets, order, axis=1)
+    n_labels = scores.shape[1]
+    # Each position takes the rank of the last label tied with it: the number of labels scored >= its score.
+    last_of_tie = np.where(np.diff(ranked_scores, axis=1, append=-np.inf) != 0, np.arange(n_labels), n_labels)
+    last_of_tie = np.minimum.accumulate(last_of_tie[:, ::-1], axis=1)[:, ::-1]
+    hits = np.take_along_axis(np.cumsum(ranked_targets, axis=1), last_of_tie, axis=1)
+    precision = hits / (last_of_tie + 1)
+    return float(precision[ranked_targets].sum() / ranked_targets.sum())
 
 
 def tagging_metrics(targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
