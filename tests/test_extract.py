@@ -81,7 +81,8 @@ def test_adding_a_teacher_computes_only_that_teacher(built, small_demo):
     states = {name: grown.status(name).state for name in grown.stages}
     assert states == {"prepare": "fresh", "train-teacher/passt_tiny": "fresh", "train-teacher/ast_tiny": "fresh",
                       "train-teacher/cnn": "missing", "extract/passt_tiny": "fresh", "extract/ast_tiny": "fresh",
-                      "extract/cnn": "missing", "extract-teachers": "stale", "train-student": "missing"}
+                      "extract/cnn": "missing", "extract-teachers": "stale", "train-student": "missing",
+                      "evaluate": "missing"}
     reweighted = make(small_demo, cache, "teachers.1.weight=1.0")
     stale = [name for name in reweighted.stages if reweighted.status(name).state == "stale"]
     assert stale == ["extract-teachers"]
