@@ -399,6 +399,9 @@ def status(config: ConfigOption = None, set_: SetOption = None) -> None:
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data and cache.")] = Path("kdpipe-demo"),
     set_: SetOption = None,
+    missing_labels: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of train-clip events left unlabelled, as in AudioSet's weak labels: the "
+        "regime where teacher targets add what the labels lack.")] = 0.3,
     force: ForceOption = False,
 ) -> None:
     """Generate the embedded demo data and run every stage on it with configs/demo.yaml."""
@@ -415,7 +418,8 @@ def demo(
         config = load_config(path, overrides, check_files=False)
     data_dir = config.data.sources[0].path.parent
     if not config.data.sources[0].path.is_file():
-        dataset = write_demo_dataset(data_dir, clip_seconds=config.data.clip_seconds, seed=config.seed)
+        dataset = write_demo_dataset(data_dir, clip_seconds=config.data.clip_seconds, seed=config.seed,
+                                     missing_labels=missing_labels)
         console.info(f"demo: wrote {dataset.n_clips} synthetic clips to {data_dir}")
     out.mkdir(parents=True, exist_ok=True)
     config_module.check_input_files(config)

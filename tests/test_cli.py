@@ -26,10 +26,11 @@ def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "kdpipe-demo"
     output = invoke("demo", "--out", str(out), *FAST)
     assert "prepare: 320 clips decoded, none skipped" in output
-    assert "train-teacher/passt_tiny: done" in output and "train-teacher/ast_tiny: done" in output
+    for teacher in ("passt_tiny", "ast_tiny", "mn10"):
+        assert f"train-teacher/{teacher}: done" in output
     assert "extract-teachers: done" in output and re.search(r"ensemble\s+mAP 0\.\d{4}", output)
     assert re.search(r"model\s+┃ eval mAP\s+┃ parameters\s+┃ MACs \(2 s clip\)\s+┃ clips/s", output)
-    for row in ("teacher passt_tiny", "teacher ast_tiny", "teacher ensemble", "student, with KD", "student, no KD"):
+    for row in ("teacher passt_tiny", "teacher ast_tiny", "teacher mn10", "teacher ensemble", "student, with KD", "student, no KD"):
         assert re.search(rf"{row}\s+│ 0\.\d{{4}}\s+│ [\d.]+ [kM]\s+│ [\d.]+ [MG]\s+│ [\d.]+", output), row
     report = Path(re.search(r"report: (\S+report\.md)", output).group(1))
     assert report.is_file() and (report.parent / "metrics.json").is_file()
@@ -38,8 +39,9 @@ def demo(tmp_path_factory) -> Path:
 
 def test_demo_leaves_every_stage_fresh_and_rerun_is_cached(demo):
     status = invoke("status", "--config", str(demo))
-    stages = ("prepare", "train-teacher/passt_tiny", "train-teacher/ast_tiny", "extract/passt_tiny",
-              "extract/ast_tiny", "extract-teachers", "train-student", "evaluate")
+    teachers = ("passt_tiny", "ast_tiny", "mn10")
+    stages = ("prepare", *(f"train-teacher/{t}" for t in teachers), *(f"extract/{t}" for t in teachers),
+              "extract-teachers", "train-student", "evaluate")
     for stage in stages:
         assert re.search(rf"{stage}\s+│\s+fresh", status), status
     assert invoke("run", "--config", str(demo)).count(": cached") == len(stages)
@@ -54,11 +56,11 @@ def prepare_entries(listing: str) -> int:
 def test_status_explains_a_change_and_prepare_rebuilds(demo):
     status = invoke("status", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "stale" in status and "prepare.min_seconds: 0.5 -> 0.6" in status
-    assert status.count("upstream prepare changed") == 7  # 2 train-teacher, 2 extract, ensemble, student, evaluate
+    assert status.count("upstream prepare changed") == 9  # 3 train-teacher, 3 extract, ensemble, student, evaluate
     output = invoke("prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "prepare: building" in output and output.strip().endswith("waveforms.zarr")
     listing = invoke("cache", "ls", "--config", str(demo))
-    assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 2
+    assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 3
     dry = invoke("cache", "gc", "--config", str(demo), "--dry-run")
     # the 0.6 store goes, and the demo's no-KD baseline (not what this config trains); the teachers stay
     assert dry.count("would remove prepare/") == 1 and dry.count("would remove train-student/") == 1

@@ -140,3 +140,21 @@ def test_labels_match_the_audio(
     with_tone, without_tone = np.array(fractions[True]), np.array(fractions[False])
     assert with_tone.mean() > 5 * without_tone.mean()
     assert np.median(with_tone) > np.percentile(without_tone, 90)
+
+
+def test_missing_labels_drop_train_events_only_and_leave_the_audio_alone(tmp_path: Path) -> None:
+    def read(root: Path, missing: float) -> tuple[dict[str, set[str]], dict[str, str]]:
+        dataset = write_demo_dataset(root, n_train=60, n_eval=6, clip_seconds=0.2, missing_labels=missing)
+        with open(dataset.manifest, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        labels = {row["clip_id"]: set(row["labels"].split(";")) for row in rows}
+        audio = {row["clip_id"]: hashlib.sha256((root / row["path"]).read_bytes()).hexdigest() for row in rows}
+        return labels, audio
+
+    (complete, audio), (weak, weak_audio) = read(tmp_path / "complete", 0.0), read(tmp_path / "weak", 0.5)
+    assert audio == weak_audio
+    assert all(weak[clip] and weak[clip] <= complete[clip] for clip in complete)
+    assert all(weak[clip] == complete[clip] for clip in complete if "_eval_" in clip)
+    dropped = sum(len(complete[c]) - len(weak[c]) for c in complete)
+    extra = sum(len(complete[c]) - 1 for c in complete if "_train_" in c)
+    assert 0.3 * extra < dropped < 0.7 * extra  # about half of the extra train events
