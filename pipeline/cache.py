@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import console
+from pipeline import atomic, console
 from pipeline.errors import LockBusy
 
 RECORD = "record.json"
@@ -54,12 +54,8 @@ class StageCache:
     def commit(self, stage: str, key: str, record: dict[str, Any]) -> None:
         """Write the record last and atomically: its presence is what 'done' means."""
         folder = self.entry_dir(stage, key)
-        tmp = folder / f".{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, folder / RECORD)
-        latest_tmp = self.root / stage / f".{LATEST}.{os.getpid()}.tmp"
-        latest_tmp.write_text(key + "\n")
-        os.replace(latest_tmp, self.root / stage / LATEST)
+        atomic.write_text(folder / RECORD, json.dumps(record, indent=2, sort_keys=True))
+        atomic.write_text(self.root / stage / LATEST, key + "\n")
 
     def uncommit(self, stage: str, key: str) -> None:
         """Drop the record first, so a rebuild killed half-way is never taken as done."""

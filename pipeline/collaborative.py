@@ -41,11 +41,11 @@ class StudentGroup(nn.Module):
     def forward(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.stack([student(x) for student, x in zip(self.students.values(), features)], dim=1)
 
-    def member_state_dict(self, name: str, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """One member's plain state dict (from `state`, a saved group state dict, or the live weights)."""
-        state = self.state_dict() if state is None else state
-        prefix = f"students.{name}."
-        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+def member_state_dict(group_state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """One member's plain state dict, cut from a saved StudentGroup state dict."""
+    prefix = f"students.{name}."
+    return {key[len(prefix):]: value for key, value in group_state.items() if key.startswith(prefix)}
 
 
 def mutual_term(logits: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from pipeline import atomic
 
 _CHUNK = 1 << 20
 
@@ -65,6 +66,4 @@ class FingerprintDB:
     def _save(self) -> None:
         """Atomic replace: a concurrent writer can at worst drop an entry, never corrupt the file."""
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.db_path.with_name(f".{self.db_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._entries, indent=0, sort_keys=True))
-        os.replace(tmp, self.db_path)
+        atomic.write_text(self.db_path, json.dumps(self._entries, indent=0, sort_keys=True))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import console, distributed
+from pipeline import atomic, console, distributed
 from pipeline.distributed import SINGLE, Ranks
 from pipeline.errors import KdpipeError
 from pipeline.loader import batch_loader, sequential_batches, weighted_batches
@@ -244,9 +243,7 @@ def _save_resume_state(out_dir: Path, epochs_done: int, model: nn.Module, optimi
         "epochs_done": epochs_done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(), "ranks": rng_states, "best": best,
     }
-    tmp = out_dir / f".{RESUME}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out_dir / RESUME)
+    atomic.write(out_dir / RESUME, lambda tmp: torch.save(state, tmp))
 
 
 def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

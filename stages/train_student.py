@@ -16,7 +16,6 @@ a teacher row contribute no KD term.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline import collaborative, distributed, frontends, loader, models, training
+from pipeline import atomic, collaborative, distributed, frontends, loader, models, training
 from pipeline.config import Config, StudentConfig
 from pipeline.errors import KdpipeError
 from pipeline.models import create_model, mobilenet
@@ -57,12 +56,6 @@ def trained_student(out_dir: Path, config: Config, num_classes: int) -> torch.nn
     model = build_student(config, num_classes, description["representation"])
     models.load_checkpoint(model, out_dir / description["weights"])
     return model
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def kd_loss(targets: torch.Tensor, has_target: torch.Tensor, label_weight: float) -> LossFn:
@@ -107,9 +100,8 @@ def keep_students(out_dir: Path, group: collaborative.StudentGroup, best: dict[s
     (out_dir / "students").mkdir(exist_ok=True)
     kept = group.member_names if keep == "all" else (best["best_member"],)
     for name in kept:
-        tmp = out_dir / "students" / f".{name}.pt.tmp"
-        torch.save(group.member_state_dict(name, state), tmp)
-        os.replace(tmp, out_dir / "students" / f"{name}.pt")
+        member = collaborative.member_state_dict(state, name)
+        atomic.write(out_dir / "students" / f"{name}.pt", lambda tmp: torch.save(member, tmp))
     return f"students/{best['best_member']}.pt"
 
 
@@ -152,8 +144,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         representation = best["best_member"]
         weights = keep_students(ctx.out_dir, model, best, student.keep)
     kept = models.load_checkpoint(build_student(config, len(store.classes), representation), ctx.out_dir / weights)
-    _write_json(ctx.out_dir / "student.json", {"arch": student.arch, "representation": representation,
-                                               "frontend": kept.frontend_config, "weights": weights})
+    atomic.write_text(ctx.out_dir / "student.json", json.dumps(
+        {"arch": student.arch, "representation": representation, "frontend": kept.frontend_config,
+         "weights": weights}, indent=2))
     summary = {"arch": student.arch, "kd": student.kd.enabled, "representation": representation,
                "best_epoch": best["epoch"], "mAP": best["mAP"], "mAUC": best["mAUC"], "d_prime": best["d_prime"],
                "parameters": sum(p.numel() for p in kept.parameters())}
