@@ -524,7 +524,7 @@ def bench_extract(
                                                 "a CPU (they would compete with the model for cores).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile our path (compile time excluded).")] = False,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on a CPU), fp32 or bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 or bf16.")] = "auto",
 ) -> None:
     """Teacher inference: clips/s of extract-teachers' path against a one-clip fp32 CPU-feature loop."""
     from pipeline.bench import bench_extract as run_bench

@@ -112,8 +112,8 @@ class ExtractConfig(_Section):
     scheduler: str | None = Field(None, description="dask scheduler address; null = a local cluster")
     dask_workers: int = Field(0, ge=0, description="local cluster workers; 0 = one per GPU (2 on a CPU)")
     num_workers: int = Field(2, ge=0, description="local engine: loader processes prefetching audio")
-    compile: bool = Field(False, description="torch.compile the teachers (minutes to compile, then ~2x on CPU)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the teachers (a minute to compile; mn10 ~2x on a CPU)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), else fp32")
 
 
 class KDConfig(_Section):
