@@ -88,6 +88,15 @@ def make_pipeline(config: Config) -> Pipeline:
     return Pipeline(build_stages(config), config)
 
 
+def referenced_entries(config: Config) -> set[tuple[str, str]]:
+    """(stage, key) of every cache entry the config's run uses: its stages', and with KD on, its no-KD
+    baseline's (evaluate scores that student too, so `cache gc` must keep it)."""
+    from stages.evaluate import baseline_config
+
+    configs = [config, baseline_config(config)] if config.student.kd.enabled else [config]
+    return {(stage, key) for c in configs for stage, key in make_pipeline(c).referenced_keys().items()}
+
+
 def _print_version(value: bool) -> None:
     if value:
         console.out.print(f"kdpipe {__version__}")
@@ -478,13 +487,13 @@ def config_show(
 def cache_ls(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Every cache entry: stage, key, complete or partial, size, used by the current config."""
     pipeline = make_pipeline(resolve_config(config, set_))
-    referenced = pipeline.referenced_keys()
+    referenced = referenced_entries(pipeline.config)
     table = Table("stage", "key", "state", "size", "built", "current")
     for entry in pipeline.cache.entries():
         record = pipeline.cache.record(entry.stage, entry.key)
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["finished"])) if record else "-"
         table.add_row(entry.stage, entry.key, "complete" if entry.complete else "partial",
-                      _human_bytes(entry.size_bytes()), built, "yes" if referenced.get(entry.stage) == entry.key else "")
+                      _human_bytes(entry.size_bytes()), built, "yes" if (entry.stage, entry.key) in referenced else "")
     console.out.print(table)
 
 
@@ -497,8 +506,8 @@ def cache_gc(
 ) -> None:
     """Remove cache entries that the current config no longer references."""
     pipeline = make_pipeline(resolve_config(config, set_))
-    referenced = pipeline.referenced_keys()
-    stale = [e for e in pipeline.cache.entries() if referenced.get(e.stage) != e.key]
+    referenced = referenced_entries(pipeline.config)
+    stale = [e for e in pipeline.cache.entries() if (e.stage, e.key) not in referenced]
     freed = 0
     for entry in stale:
         size = entry.size_bytes()

@@ -146,10 +146,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     evaluation = Evaluation(split, store.classes, targets.sum(axis=0), len(rows), config.data.clip_seconds,
                             [str(source.path) for source in config.data.sources], bench.device_name(device), results)
     evaluate.write_results(evaluation, ctx.out_dir)
-    path = report.write_report(evaluation, ctx.out_dir)
+    report.write_report(evaluation, ctx.out_dir)  # the commands that build this stage print its path
     for result in results:
         console.info(f"  {result.label:<24} mAP {result.metrics['mAP']:.4f}  lwlrap {result.metrics['lwlrap']:.4f}")
-    console.info(f"report: {path}")
     return {"split": split, "clips": len(rows), "mAP": {r.label: r.metrics["mAP"] for r in results}}
 
 

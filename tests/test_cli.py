@@ -32,6 +32,7 @@ def demo(tmp_path_factory) -> Path:
     assert re.search(r"model\s+┃ eval mAP\s+┃ parameters\s+┃ MACs \(2 s clip\)\s+┃ clips/s", output)
     for row in ("teacher passt_tiny", "teacher ast_tiny", "teacher mn10", "teacher ensemble", "student, with KD", "student, no KD"):
         assert re.search(rf"{row}\s+│ 0\.\d{{4}}\s+│ [\d.]+ [kM]\s+│ [\d.]+ [MG]\s+│ [\d.]+", output), row
+    assert output.count("report:") == 1
     report = Path(re.search(r"report: (\S+report\.md)", output).group(1))
     assert report.is_file() and (report.parent / "metrics.json").is_file()
     return out / "demo.yaml"
@@ -62,13 +63,14 @@ def test_status_explains_a_change_and_prepare_rebuilds(demo):
     listing = invoke("cache", "ls", "--config", str(demo))
     assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 3
     dry = invoke("cache", "gc", "--config", str(demo), "--dry-run")
-    # the 0.6 store goes, and the demo's no-KD baseline (not what this config trains); the teachers stay
-    assert dry.count("would remove prepare/") == 1 and dry.count("would remove train-student/") == 1
+    # the 0.6 store goes; the teachers and both students stay (evaluate scores the no-KD baseline too)
+    assert dry.count("would remove prepare/") == 1 and "would remove train-student/" not in dry
     assert "would remove train-teacher" not in dry and "would remove extract" not in dry
     assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 2
     invoke("cache", "gc", "--config", str(demo))
     assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 1
-    assert re.search(r"prepare\s+│\s+fresh", invoke("status", "--config", str(demo)))  # the 0.6 build went
+    after = invoke("status", "--config", str(demo))
+    assert re.search(r"prepare\s+│\s+fresh", after) and re.search(r"evaluate\s+│\s+fresh", after)
 
 
 def test_force_rebuilds_a_fresh_stage(demo):
