@@ -533,7 +533,9 @@ def bench_extract(
                                                 "a CPU (they would compete with the model for cores).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile our path (compile time excluded).")] = False,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 or bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 "
+                                           "or bf16.")] = "auto",
+    rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds of both paths; medians are reported.")] = 3,
 ) -> None:
     """Teacher inference: clips/s of extract-teachers' path against a one-clip fp32 CPU-feature loop."""
     from pipeline.bench import bench_extract as run_bench
@@ -545,7 +547,7 @@ def bench_extract(
     cuda = chosen.type == "cuda"
     arch = teacher or ("passt_s_s10" if cuda else "passt_tiny")
     result = run_bench(arch, clips, seconds, batch_size or (64 if cuda else 4), chosen,
-                       workers if workers is not None else (4 if cuda else 0), naive_clips, compile, precision)
+                       workers if workers is not None else (4 if cuda else 0), naive_clips, compile, precision, rounds)
     print_bench(result)
 
 
@@ -594,8 +596,10 @@ def print_bench(result: dict[str, Any], headline: str | None = None) -> None:
     for key, value in result.items():
         table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
     console.out.print(table)
+    paired = (f" (median of {result['rounds']} paired rounds, {result['speedup_range']})"
+              if result.get("rounds", 1) > 1 else "")
     console.out.print(headline or f"ours {result['ours_clips_per_s']:.1f} clips/s, naive "
-                                  f"{result['naive_clips_per_s']:.1f} clips/s: {result['speedup']:.2f}x")
+                                  f"{result['naive_clips_per_s']:.1f} clips/s: {result['speedup']:.2f}x{paired}")
 
 
 # --------------------------------------------------------------- manifests

@@ -10,14 +10,24 @@ from pipeline.cli import app
 
 def test_bench_extract_prints_both_throughputs_and_the_ratio():
     result = CliRunner().invoke(app, ["bench", "extract", "--teacher", "mn_tiny", "--clips", "8", "--naive-clips",
-                                      "4", "--seconds", "1", "--batch-size", "4"])
+                                      "4", "--seconds", "1", "--batch-size", "4", "--rounds", "1"])
     assert result.exit_code == 0, result.output
-    match = re.search(r"ours ([\d.]+) clips/s, naive ([\d.]+) clips/s: ([\d.]+)x", result.output)
-    assert match
+    match = re.search(r"ours ([\d.]+) clips/s, naive ([\d.]+) clips/s: ([\d.]+)x$", result.output.strip())
+    assert match, result.output
     ours, naive, ratio = map(float, match.groups())
     assert ours > 0 and naive > 0  # the shown figures are rounded to 0.1 clips/s and 0.01x
     assert ratio == pytest.approx(ours / naive, rel=0.05 / ours + 0.05 / naive + 0.01)
     assert "gmacs_per_clip" in result.output and re.search(r"naive_clips\s+│ 4\b", result.output)
+
+
+def test_bench_extract_pairs_rounds_and_reports_the_median_ratio():
+    result = CliRunner().invoke(app, ["bench", "extract", "--teacher", "mn_tiny", "--clips", "4", "--naive-clips",
+                                      "2", "--seconds", "1", "--batch-size", "4", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    match = re.search(r": ([\d.]+)x \(median of 2 paired rounds, ([\d.]+)-([\d.]+)\)", result.output)
+    assert match, result.output
+    ratio, low, high = map(float, match.groups())
+    assert low <= ratio <= high and ratio == pytest.approx((low + high) / 2, abs=0.011)  # two rounds: their mean
 
 
 def test_bench_loader_prints_both_throughputs_and_the_ratio():
