@@ -141,7 +141,7 @@ def teacher_stage(teacher: TeacherConfig) -> Stage:
     upstream = ("prepare", train_teacher.stage_name(teacher)) if teacher.trainable else ("prepare",)
     return Stage(
         name=PREFIX + teacher.label,
-        params=("extract.dtype", "extract.chunk_clips"),
+        params=("extract.dtype", "extract.chunk_clips", "extract.precision"),
         param_values=lambda config: {"teacher": teacher.model_dump(mode="json", exclude={"weight", "init"})},
         outputs=("logits.zarr",),
         run=run_teacher(teacher),
