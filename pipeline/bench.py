@@ -21,6 +21,7 @@ import soundfile
 import torch
 
 from pipeline import console
+from pipeline.errors import KdpipeError
 from pipeline.extraction import Teacher, TeacherSpec, extract_local
 from pipeline.frontends import build_frontend
 from pipeline.loader import batch_loader, sequential_batches
@@ -29,6 +30,7 @@ from pipeline.manifests import ClassList
 from pipeline.models import create_model
 from pipeline.models.complexity import count_macs
 from pipeline.models.passt import windowed_forward
+from pipeline.training import label_loss, train_step
 from pipeline.waveform_store import WaveformStore
 
 AUDIOSET_CLASSES = 527
@@ -235,38 +237,42 @@ def inference_clips_per_second(infer: Callable[[torch.Tensor], torch.Tensor], cl
     return timed / (time.perf_counter() - started)
 
 
-def bench_train(arch: str, clips: int, seconds: float, batch_size: int, workers: int,
-                device: torch.device) -> dict[str, Any]:
-    """Training steps per second on our loader, and the share of step time spent waiting for data."""
+def bench_train(arch: str, clips: int, seconds: float, batch_size: int, workers: int, device: torch.device,
+                compile: bool = False) -> dict[str, Any]:
+    """Clips/s of train-student's step (train_step) on our loader, and the share of time spent waiting for data.
+
+    The first batch is a warm-up (worker start-up, kernel selection, compilation) and is not counted.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         store_path, _paths = prepared_demo(Path(tmp), clips, seconds)
         store = WaveformStore.open(store_path)
         labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
-        model = create_model(arch, num_classes=len(store.classes)).to(device).train()
+        model = create_model(arch, num_classes=len(store.classes)).to(device, memory_format=torch.channels_last)
+        stepped = torch.compile(model.train()) if compile else model.train()
         frontend = build_frontend(model.frontend_config, store.sample_rate).train().to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         batches = sequential_batches(np.random.default_rng(0).permutation(store.rows("train")), batch_size)
+        if len(batches) < 2:
+            raise KdpipeError(f"bench train needs at least 2 batches (a warm-up and one timed); "
+                              f"{clips} clips at batch size {batch_size} make {len(batches)}")
+        rng = np.random.default_rng(0)
+
+        def step(waves: torch.Tensor, rows: torch.Tensor) -> None:
+            train_step(stepped, frontend, optimizer, waves, rows, labels, label_loss, 0.3, rng, device.type == "cuda")
+            _sync(device)
+
         loader = iter(batch_loader(store_path, batches, num_workers=workers, pin_memory=device.type == "cuda"))
-        waves, rows = next(loader)  # the first batch pays for worker start-up; not counted
+        step(*next(loader))
         waiting = computing = 0.0
         trained = 0
-        bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        for step in console.track(range(len(batches)), len(batches), "training steps"):
+        for _ in console.track(range(len(batches) - 1), len(batches) - 1, "training steps"):
             started = time.perf_counter()
-            features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
-            with bf16:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(features).float(),
-                                                                             labels[rows.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            _sync(device)
-            computing += time.perf_counter() - started
+            waves, rows = next(loader)
+            fetched = time.perf_counter()
+            step(waves, rows)
+            waiting += fetched - started
+            computing += time.perf_counter() - fetched
             trained += len(rows)
-            if step + 1 < len(batches):
-                started = time.perf_counter()
-                waves, rows = next(loader)
-                waiting += time.perf_counter() - started
     return {"model": arch, "device": device_name(device), "clips": trained, "seconds_per_clip": seconds,
-            "batch_size": batch_size, "workers": workers, "train_clips_per_s": trained / (computing + waiting),
-            "data_wait_share": waiting / (computing + waiting)}
+            "batch_size": batch_size, "workers": workers, "compiled": compile,
+            "train_clips_per_s": trained / (computing + waiting), "data_wait_share": waiting / (computing + waiting)}

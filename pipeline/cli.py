@@ -580,12 +580,14 @@ def bench_train(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Loader processes.")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (the warm-up step "
+                                          "compiles; not timed).")] = False,
 ) -> None:
-    """Training throughput on our loader, and the share of step time spent waiting for data."""
+    """Training throughput of train-student's step on our loader, and the share of time spent waiting for data."""
     from pipeline.bench import bench_train as run_bench
     from pipeline.training import resolve_device
 
-    result = run_bench(arch, clips, seconds, batch_size, workers, resolve_device(device))
+    result = run_bench(arch, clips, seconds, batch_size, workers, resolve_device(device), compile)
     print_bench(result, f"training {result['train_clips_per_s']:.1f} clips/s, "
                         f"waiting for data {100 * result['data_wait_share']:.1f} % of step time")
 

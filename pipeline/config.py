@@ -85,6 +85,12 @@ class TeacherConfig(_Section):
         return self.arch is not None and self.checkpoint is None
 
 
+TRAINING_PRECISION = "auto: bf16 autocast on CUDA, fp32 on a CPU; the loss is computed in fp32"
+TRAINING_COMPILE = "torch.compile the model for training steps (not part of the cache key)"
+UNKEYED_TRAINING = ("num_workers", "compile")
+"""Training settings that change speed, not results: left out of the cache keys."""
+
+
 class TeacherTrainingConfig(_Section):
     """How train-teacher trains or fine-tunes the teachers that have no checkpoint (labels only)."""
 
@@ -100,6 +106,8 @@ class TeacherTrainingConfig(_Section):
     last_lr_factor: float = Field(0.01, ge=0, le=1)
     mixup_alpha: float = Field(0.3, ge=0, description="0 = no mixup")
     balanced_sampling: bool = Field(True, description="EfficientAT's class-balanced weighted sampling")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=TRAINING_PRECISION)
+    compile: bool = Field(False, description=TRAINING_COMPILE)
     num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
 
@@ -144,6 +152,8 @@ class StudentConfig(_Section):
                                          "or every student")
     seed: int | None = Field(None, ge=0, description="the student's own seed (init, sampling, mixup); "
                              "default: the run's seed. Vary it to repeat a student over the same teacher logits")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=TRAINING_PRECISION)
+    compile: bool = Field(False, description=TRAINING_COMPILE)
     num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
     @field_validator("representations")

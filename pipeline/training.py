@@ -143,6 +143,35 @@ class FitSettings:
     eval_batch_size: int
     num_workers: int
     seed: int
+    precision: str = "auto"
+    compile: bool = False
+
+    def bf16(self, device: torch.device) -> bool:
+        """bf16 autocast for the model's forward: asked for, or `auto` on CUDA."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+
+
+def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Optimizer, waves: torch.Tensor,
+               rows: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn, mixup_alpha: float,
+               rng: np.random.Generator, bf16: bool) -> torch.Tensor:
+    """One optimisation step on an int16 batch; returns the loss as a device tensor (no host sync).
+
+    Features and mixup run on the model's device in fp32; the model runs under bf16 autocast
+    when asked, and the loss is computed in fp32 on its logits.
+    """
+    device = labels.device
+    rows = rows.to(device, non_blocking=True)
+    features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
+    mixup = Mixup.draw(len(rows), mixup_alpha, rng, device) if mixup_alpha else None
+    if mixup is not None:
+        features = mixup.mix(features)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(features)
+    loss = loss_fn(logits.float(), rows, labels[rows], mixup)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: Callable[[int], list[np.ndarray]],
@@ -157,9 +186,12 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
     eval_targets = store.column("labels")[eval_rows].astype(bool)
     members = tuple(getattr(model, "member_names", ()))
-    model.to(device)
+    # NHWC: the depthwise and 1x1 convolutions of CNNs run faster in it (mn10 training 1.3x on a CPU).
+    model.to(device, memory_format=torch.channels_last)
     frontend.to(device)
     trained = distributed.wrap(model, ranks, device)
+    stepped = torch.compile(trained) if settings.compile else trained
+    bf16 = settings.bf16(device)
     optimizer_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_multiplier(
@@ -180,21 +212,14 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         batches = distributed.shard(epoch_batches(epoch), ranks)
         loader = batch_loader(store_path, batches, num_workers=settings.num_workers,
                               pin_memory=device.type == "cuda")
-        total, count = 0.0, 0
+        summed, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for waves, rows in console.track(loader, len(batches), f"epoch {epoch + 1}/{settings.epochs}"):
-            rows = rows.to(device, non_blocking=True)
-            features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
-            mixup = Mixup.draw(len(rows), settings.mixup_alpha, rng, device) if settings.mixup_alpha else None
-            if mixup is not None:
-                features = mixup.mix(features)
-            loss = loss_fn(trained(features), rows, labels[rows], mixup)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(rows)
+            loss = train_step(stepped, frontend, optimizer, waves, rows, labels, loss_fn, settings.mixup_alpha,
+                              rng, bf16)
+            summed += loss * len(rows)
             count += len(rows)
         schedule.step()
-        total, count = _sum_over_ranks((total, count), ranks)
+        total, count = _sum_over_ranks((summed.item(), count), ranks)
         if not ranks.is_main:
             _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best, ranks)
             continue

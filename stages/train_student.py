@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import zarr
 
 from pipeline import atomic, collaborative, distributed, frontends, loader, models, training
-from pipeline.config import Config, StudentConfig
+from pipeline.config import UNKEYED_TRAINING, Config, StudentConfig
 from pipeline.errors import KdpipeError
 from pipeline.models import create_model, mobilenet
 from pipeline.stage import Stage, StageContext
@@ -135,7 +135,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         warmup_epochs=student.warmup_epochs, rampdown_start=student.rampdown_start,
         rampdown_epochs=student.rampdown_epochs, last_lr_factor=student.last_lr_factor,
         mixup_alpha=student.mixup_alpha, eval_batch_size=config.evaluation.batch_size,
-        num_workers=student.num_workers, seed=seed,
+        num_workers=student.num_workers, seed=seed, precision=student.precision, compile=student.compile,
     ), ctx.out_dir, device, ranks)
     if not ranks.is_main:
         return {}
@@ -162,7 +162,7 @@ def available(config: Config) -> bool:
 
 def stage(config: Config) -> Stage:
     kd = config.student.kd.enabled
-    keyed = tuple(f"student.{key}" for key in StudentConfig.model_fields if key != "num_workers")
+    keyed = tuple(f"student.{key}" for key in StudentConfig.model_fields if key not in UNKEYED_TRAINING)
     return Stage(
         name=NAME,
         params=(*keyed, "evaluation.split", "seed"),

@@ -17,7 +17,7 @@ import torch
 
 from pipeline import frontends, loader, models, training
 from pipeline.models import ast, mobilenet, passt
-from pipeline.config import Config, TeacherConfig, to_plain
+from pipeline.config import UNKEYED_TRAINING, Config, TeacherConfig, to_plain
 from pipeline.models import create_model, load_checkpoint
 from pipeline.stage import Stage, StageContext
 from pipeline.training import FitSettings
@@ -58,6 +58,7 @@ def run_for(teacher: TeacherConfig):
             rampdown_start=settings.rampdown_start, rampdown_epochs=settings.rampdown_epochs,
             last_lr_factor=settings.last_lr_factor, mixup_alpha=settings.mixup_alpha,
             eval_batch_size=config.evaluation.batch_size, num_workers=settings.num_workers, seed=config.seed,
+            precision=settings.precision, compile=settings.compile,
         ), ctx.out_dir, training.resolve_device(config.device))
         return {"arch": teacher.arch, "best_epoch": best["epoch"], "mAP": best["mAP"], "mAUC": best["mAUC"],
                 "d_prime": best["d_prime"], "parameters": sum(p.numel() for p in model.parameters())}
@@ -66,7 +67,7 @@ def run_for(teacher: TeacherConfig):
 
 
 def stage_for(teacher: TeacherConfig) -> Stage:
-    training_keys = [key for key in to_plain(Config().teacher_training) if key != "num_workers"]
+    training_keys = [key for key in to_plain(Config().teacher_training) if key not in UNKEYED_TRAINING]
     return Stage(
         name=stage_name(teacher),
         params=(*(f"teacher_training.{key}" for key in training_keys), "evaluation.split", "seed"),

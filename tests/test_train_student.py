@@ -19,6 +19,7 @@ from pipeline import training
 from pipeline.cli import app
 from pipeline.collaborative import StudentGroup, collaborative_loss, mutual_term
 from pipeline.distributed import Ranks, shard
+from pipeline.frontends import build_frontend
 from pipeline.config import load_config
 from pipeline.models import create_model, load_checkpoint
 from pipeline.runner import Pipeline
@@ -61,6 +62,33 @@ def settings(small_demo, cache, *extra):
 def make(small_demo, cache, *extra) -> Pipeline:
     config = load_config(None, settings(small_demo, cache, *extra))
     return Pipeline(build_stages(config), config)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_train_step_runs_the_model_under_the_asked_precision_and_the_loss_in_fp32(bf16):
+    torch.manual_seed(0)
+    model = create_model("mn_tiny", num_classes=5).to(memory_format=torch.channels_last).train()
+    frontend = build_frontend(model.frontend_config, 32000).train()
+    seen = {}
+    model.register_forward_hook(lambda _m, _i, output: seen.update(dtype=output.dtype))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    waves = (torch.randn(4, 32000) * 3000).to(torch.int16)
+    labels = (torch.rand(8, 5) > 0.5).float()
+    loss = training.train_step(model, frontend, optimizer, waves, torch.tensor([0, 2, 4, 6]), labels,
+                               training.label_loss, 0.3, np.random.default_rng(0), bf16)
+    assert seen["dtype"] == (torch.bfloat16 if bf16 else torch.float32)
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and torch.isfinite(loss) and not loss.requires_grad
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # every parameter stepped
+
+
+def test_precision_auto_is_bf16_on_cuda_only():
+    settings = dict(epochs=1, lr=1e-3, optimizer="adam", weight_decay=0.0, warmup_epochs=0, rampdown_start=0,
+                    rampdown_epochs=1, last_lr_factor=1.0, mixup_alpha=0.0, eval_batch_size=4, num_workers=0, seed=0)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not training.FitSettings(**settings).bf16(cpu) and training.FitSettings(**settings).bf16(cuda)
+    assert training.FitSettings(**settings, precision="bf16").bf16(cpu)
+    assert not training.FitSettings(**settings, precision="fp32").bf16(cuda)
 
 
 def test_student_trains_from_cached_teachers_and_width_changes_only_the_student(small_demo, tmp_path):
