@@ -75,8 +75,12 @@ class Mixup:
 @torch.inference_mode()
 def predict(model: nn.Module, frontend: nn.Module, store_path: Path, rows: np.ndarray, batch_size: int,
             device: torch.device, num_workers: int = 0, description: str = "predicting") -> np.ndarray:
-    """Logits (len(rows), classes) in the order of `rows` ((len(rows), members, classes) for a group)."""
-    model.eval()
+    """Logits (len(rows), classes) in the order of `rows` ((len(rows), members, classes) for a group).
+
+    The model is put in channels-last layout, as training keeps it, so a saved model scores
+    exactly what training measured (layouts pick different kernels, which round differently).
+    """
+    model.eval().to(memory_format=torch.channels_last)
     frontend.eval()
     batches = sequential_batches(rows, batch_size)
     outputs: np.ndarray | None = None
