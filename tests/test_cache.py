@@ -14,6 +14,7 @@ import pytest
 from pipeline.cache import RECORD, StageCache
 from pipeline.config import load_config
 from pipeline.errors import LockBusy
+from pipeline.fingerprint import code_only
 from pipeline.runner import Pipeline
 from pipeline.stage import Stage, StageContext
 
@@ -161,6 +162,30 @@ def test_record_holds_components_versions_and_timing(make):
     assert record["components"]["upstream"] == {"data": pipeline.key("data")}
     assert record["components"]["params"] == {"extract": pipeline.components("teachers").params["extract"]}
     assert record["seconds"] >= 0 and "torch" in record["versions"] and record["summary"] == {"ok": True}
+
+
+ORIGINAL = '''
+def scale(x, factor=2):
+    """Scales x."""
+    # why: the model expects it
+    return x * factor
+'''
+REWORDED = '''
+def scale(x, factor = 2):
+    # reworded, reflowed, new docstring
+    """Multiplies x
+    by factor."""
+    return (x *
+            factor)
+'''
+
+
+def test_code_hash_ignores_comments_docstrings_and_layout_but_not_code():
+    assert code_only(ORIGINAL) == code_only(REWORDED)
+    assert code_only(ORIGINAL) != code_only(ORIGINAL.replace("x * factor", "x * factor + 1"))
+    assert code_only(ORIGINAL) != code_only(ORIGINAL.replace("factor=2", "factor=3"))
+    assert code_only('class A:\n    """Only a docstring."""\n') == "class A:\n    pass"
+    assert code_only('x = "a string value is code"') == "x = 'a string value is code'"
 
 
 def test_code_change_makes_stage_stale(make, tmp_path):
