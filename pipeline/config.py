@@ -54,6 +54,17 @@ class PrepareConfig(_Section):
     compression: Literal["none", "zstd"] = Field("none", description="waveform codec; none reads fastest")
 
 
+def registered_arch(arch: str | None) -> str | None:
+    """An architecture must be in the model registry: caught when the config loads, not hours into a run."""
+    from pipeline.models import list_models  # imports torch: only when an arch is validated
+
+    if arch is not None and arch not in list_models():
+        close = difflib.get_close_matches(arch, list_models(), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(f"unknown model {arch!r}; {hint}registry: {', '.join(list_models())}")
+    return arch
+
+
 class TeacherConfig(_Section):
     """A teacher: a registry model (with a checkpoint, or trained by train-teacher) or imported logits."""
 
@@ -66,6 +77,8 @@ class TeacherConfig(_Section):
     frontend: dict[str, Any] = Field(default_factory=dict, description="frontend overrides, e.g. {fmax: 14000}")
     logits: Path | None = Field(None, description="EfficientAT-format .npy of logits to import instead of a model")
     logits_index: Path | None = Field(None, description="its fname_to_index.pkl (YouTube id -> row)")
+
+    _registered = field_validator("arch")(classmethod(lambda cls, arch: registered_arch(arch)))
 
     @model_validator(mode="after")
     def _model_or_logits(self) -> TeacherConfig:
@@ -155,6 +168,8 @@ class StudentConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=TRAINING_PRECISION)
     compile: bool = Field(False, description=TRAINING_COMPILE)
     num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
+
+    _registered = field_validator("arch")(classmethod(lambda cls, arch: registered_arch(arch)))
 
     @field_validator("representations")
     @classmethod
@@ -321,7 +336,8 @@ def _describe(exc: ValidationError) -> str:
             lines.append(f"{loc}: required key is missing")
         else:
             shown = "" if isinstance(error["input"], (dict, list)) else f" (got {error['input']!r})"
-            lines.append(f"{loc}: {error['msg']}{shown}")
+            message = error["msg"].removeprefix("Value error, ")  # our validators' own words
+            lines.append(f"{loc}: {message}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

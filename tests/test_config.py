@@ -48,6 +48,9 @@ def test_values_are_coerced_by_schema_and_hash_canonically(tmp_path):
     ("device=gpu0", ["device", "auto|cpu|cuda"]),
     ("data.sample_rate=1e-3", ["data.sample_rate", "integer"]),
     ("student.width", ["KEY=VALUE"]),
+    ("student.arch=mn100", ["student.arch: unknown model 'mn100'", "did you mean mn10", "registry: ast_10_10"]),
+    ("teachers=[{arch: passt_s10}]", ["teachers.0.arch: unknown model", "did you mean passt_s_s10"]),
+    ("student.precision=fp16", ["student.precision", "'auto', 'fp32' or 'bf16'"]),
 ])
 def test_invalid_values_name_the_key_and_what_is_allowed(override, expected):
     with pytest.raises(ConfigError) as info:
