@@ -8,44 +8,71 @@ side stays a cheap memcpy however large the model's appetite.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.waveform_store import WaveformStore
 
 
-class StoreBatches(Dataset):
-    """Batches of waveform-store rows; the store is opened lazily, once per worker process."""
+class StoreRows(Dataset):
+    """Reads a batch of store rows per item; the store is opened lazily, once per worker process."""
 
-    def __init__(self, store_path: Path, batches: Sequence[np.ndarray]):
+    def __init__(self, store_path: Path):
         self.store_path = store_path
-        self.batches = batches
         self._store: WaveformStore | None = None
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self._store is None:
             self._store = WaveformStore.open(self.store_path)
-        rows = np.sort(self.batches[index])
+        rows = np.sort(rows)
         return torch.from_numpy(self._store.read(rows)), torch.from_numpy(rows)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None}  # workers open their own handle
 
 
+class _BatchList(Sampler):
+    """The batches of the current pass; lives in the main process, so the next pass can replace them."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class BatchLoader:
+    """Worker processes that read batches of store rows, started once and reused by every pass.
+
+    A pass is `loader(batches)`: iterate it for (int16 waveforms (B, samples), store rows (B,))
+    per batch, in order. Spawned workers import torch, which takes seconds: a training run
+    that started new ones for every epoch and every evaluation would make the GPU wait for
+    that each time. One pass at a time.
+    """
+
+    def __init__(self, store_path: Path, *, num_workers: int = 0, pin_memory: bool = False):
+        self._sampler = _BatchList()
+        workers = dict(num_workers=num_workers, multiprocessing_context="spawn", prefetch_factor=4,
+                       persistent_workers=True) if num_workers > 0 else {}
+        self._loader = DataLoader(StoreRows(store_path), batch_size=None, sampler=self._sampler,
+                                  pin_memory=pin_memory, **workers)
+
+    def __call__(self, batches: Sequence[np.ndarray]) -> DataLoader:
+        self._sampler.batches = list(batches)
+        return self._loader
+
+
 def batch_loader(store_path: Path, batches: Sequence[np.ndarray], *, num_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
-    """A DataLoader yielding (int16 waveforms (B, samples), store rows (B,)) per batch."""
-    workers = dict(num_workers=num_workers, multiprocessing_context="spawn", prefetch_factor=4,
-                   persistent_workers=False) if num_workers > 0 else {}
-    return DataLoader(StoreBatches(store_path, batches), batch_size=None, shuffle=False, pin_memory=pin_memory,
-                      **workers)
+    """One pass over `batches`: (int16 waveforms (B, samples), store rows (B,)) per batch."""
+    return BatchLoader(store_path, num_workers=num_workers, pin_memory=pin_memory)(batches)
 
 
 def sequential_batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:

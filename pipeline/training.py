@@ -23,7 +23,7 @@ from torch import nn
 from pipeline import atomic, console, distributed
 from pipeline.distributed import SINGLE, Ranks
 from pipeline.errors import KdpipeError
-from pipeline.loader import batch_loader, sequential_batches, weighted_batches
+from pipeline.loader import BatchLoader, sequential_batches, weighted_batches
 from pipeline.metrics import tagging_metrics
 from pipeline.waveform_store import WaveformStore
 
@@ -73,8 +73,8 @@ class Mixup:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, frontend: nn.Module, store_path: Path, rows: np.ndarray, batch_size: int,
-            device: torch.device, num_workers: int = 0, description: str = "predicting") -> np.ndarray:
+def predict(model: nn.Module, frontend: nn.Module, loader: BatchLoader, rows: np.ndarray, batch_size: int,
+            device: torch.device, description: str = "predicting") -> np.ndarray:
     """Logits (len(rows), classes) in the order of `rows` ((len(rows), members, classes) for a group).
 
     The model is put in channels-last layout, as training keeps it, so a saved model scores
@@ -85,8 +85,7 @@ def predict(model: nn.Module, frontend: nn.Module, store_path: Path, rows: np.nd
     batches = sequential_batches(rows, batch_size)
     outputs: np.ndarray | None = None
     position = {row: i for i, row in enumerate(rows.tolist())}
-    loader = batch_loader(store_path, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
-    for waves, batch_rows in console.track(loader, len(batches), description):
+    for waves, batch_rows in console.track(loader(batches), len(batches), description):
         logits = model(frontend(waves.to(device, non_blocking=True).float() / 32768.0)).float().cpu().numpy()
         if outputs is None:
             outputs = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
@@ -196,6 +195,7 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     trained = distributed.wrap(model, ranks, device)
     stepped = torch.compile(trained) if settings.compile else trained
     bf16 = settings.bf16(device)
+    loader = BatchLoader(store_path, num_workers=settings.num_workers, pin_memory=device.type == "cuda")
     optimizer_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_multiplier(
@@ -214,10 +214,8 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         trained.train()
         frontend.train()
         batches = distributed.shard(epoch_batches(epoch), ranks)
-        loader = batch_loader(store_path, batches, num_workers=settings.num_workers,
-                              pin_memory=device.type == "cuda")
         summed, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for waves, rows in console.track(loader, len(batches), f"epoch {epoch + 1}/{settings.epochs}"):
+        for waves, rows in console.track(loader(batches), len(batches), f"epoch {epoch + 1}/{settings.epochs}"):
             loss = train_step(stepped, frontend, optimizer, waves, rows, labels, loss_fn, settings.mixup_alpha,
                               rng, bf16)
             summed += loss * len(rows)
@@ -227,8 +225,7 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         if not ranks.is_main:
             _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best, ranks)
             continue
-        scores = predict(model, frontend, store_path, eval_rows, settings.eval_batch_size, device,
-                         settings.num_workers, "evaluating")
+        scores = predict(model, frontend, loader, eval_rows, settings.eval_batch_size, device, "evaluating")
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1),
                   **evaluation_record(eval_targets, scores, members), "seconds": round(time.time() - started, 2)}
         with open(metrics_file, "a") as handle:

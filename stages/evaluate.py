@@ -25,6 +25,7 @@ from pipeline.errors import KdpipeError
 from pipeline.evaluate import Evaluation, ModelResult
 from pipeline.extraction import Teacher, TeacherSpec
 from pipeline.frontends import build_frontend
+from pipeline.loader import BatchLoader
 from pipeline.models import load_checkpoint
 from pipeline.runner import Pipeline
 from pipeline.stage import Stage, StageContext
@@ -107,13 +108,14 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
     store = WaveformStore.open(store_path)
     arch = config.student.arch + (f" w{config.student.width:g}" if config.student.arch == "mobilenetv3" else "")
     results = []
+    reader = BatchLoader(store_path, num_workers=config.student.num_workers, pin_memory=device.type == "cuda")
     for representation, model in kept_students(folder, config, len(store.classes)).items():
         member = representation if config.student.representations else None
         model = model.to(device).eval()
         frontend = build_frontend(model.frontend_config, store.sample_rate).to(device).eval()
         named = f"{label} ({member})" if member else label
-        logits = training.predict(model, frontend, store_path, rows, config.evaluation.batch_size, device,
-                                  config.student.num_workers, f"predicting {named}")
+        logits = training.predict(model, frontend, reader, rows, config.evaluation.batch_size, device,
+                                  f"predicting {named}")
         result = evaluate.score(f"{model_id}_{member}" if member else model_id, named, "student",
                                 f"{arch}, {member}" if member else arch, targets, logits)
         result.footprint = evaluate.measure_footprint(
@@ -164,6 +166,6 @@ def stage(config: Config) -> Stage:
         param_values=lambda config: {"baseline": baseline.key if (baseline := built_baseline(config)) else None},
         outputs=("metrics.json", "per_class_ap.csv", "report.md"),
         run=run,
-        code=(sys.modules[__name__], evaluate, report, metrics, bench.inference_clips_per_second),
+        code=(sys.modules[__name__], evaluate, report, metrics, training.predict, bench.inference_clips_per_second),
         upstream=("prepare", *((EXTRACT,) if config.teachers else ()), STUDENT),
     )

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.loader import batch_loader, class_balanced_weights, sequential_batches, weighted_batches
+from pipeline.loader import BatchLoader, batch_loader, class_balanced_weights, sequential_batches, weighted_batches
 from pipeline.runner import Pipeline
 from pipeline.training import Mixup, lr_multiplier
 from pipeline.waveform_store import WaveformStore
@@ -31,6 +31,22 @@ def test_loader_batches_equal_direct_reads(store_path, workers):
         np.testing.assert_array_equal(waves.numpy(), store.read(batch_rows.numpy()))
         seen.extend(batch_rows.tolist())
     assert sorted(seen) == sorted(rows.tolist())
+
+
+def test_one_loader_serves_every_pass_with_the_same_worker_processes(store_path):
+    store = WaveformStore.open(store_path)
+    loader = BatchLoader(store_path, num_workers=2)
+    rng = np.random.default_rng(1)
+    worker_pids = []
+    for batch_size in (4, 9, 3):  # each pass its own batches, as epochs and evaluations have
+        batches = sequential_batches(rng.permutation(store.rows()), batch_size)
+        passed = loader(batches)
+        got = [(waves, rows) for waves, rows in passed]
+        assert [sorted(b.tolist()) for b in batches] == [rows.tolist() for _, rows in got]
+        for waves, rows in got:
+            np.testing.assert_array_equal(waves.numpy(), store.read(rows.numpy()))
+        worker_pids.append(sorted(worker.pid for worker in passed._iterator._workers))
+    assert len(worker_pids[0]) == 2 and worker_pids[0] == worker_pids[1] == worker_pids[2]
 
 
 def test_class_balanced_weights_follow_efficientat():
