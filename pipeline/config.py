@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, KdpipeError
 
 
 class _Section(BaseModel):
@@ -56,12 +56,13 @@ class PrepareConfig(_Section):
 
 def registered_arch(arch: str | None) -> str | None:
     """An architecture must be in the model registry: caught when the config loads, not hours into a run."""
-    from pipeline.models import list_models  # imports torch: only when an arch is validated
+    from pipeline.models import check_model_name  # imports torch: only when an arch is validated
 
-    if arch is not None and arch not in list_models():
-        close = difflib.get_close_matches(arch, list_models(), n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise ValueError(f"unknown model {arch!r}; {hint}registry: {', '.join(list_models())}")
+    if arch is not None:
+        try:
+            check_model_name(arch)
+        except KdpipeError as error:
+            raise ValueError(str(error)) from None
     return arch
 
 
@@ -134,7 +135,8 @@ class ExtractConfig(_Section):
     dask_workers: int = Field(0, ge=0, description="local cluster workers; 0 = one per GPU (2 on a CPU)")
     num_workers: int = Field(2, ge=0, description="local engine: loader processes prefetching audio")
     compile: bool = Field(False, description="torch.compile the teachers (a minute to compile; mn10 ~2x on a CPU)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), else fp32")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), else fp32")
 
 
 class KDConfig(_Section):

@@ -51,12 +51,17 @@ def list_models() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def create_model(name: str, checkpoint: Path | None = None, **overrides: Any) -> nn.Module:
-    """Build model `name`; with `checkpoint`, size it from the file's shapes and load it strictly."""
+def check_model_name(name: str) -> None:
+    """Raise KdpipeError naming close matches and the registry if `name` is not a registered model."""
     if name not in _FACTORIES:
         close = difflib.get_close_matches(name, _FACTORIES, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
-        raise KdpipeError(f"unknown model {name!r}{hint}")
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise KdpipeError(f"unknown model {name!r}; {hint}registry: {', '.join(list_models())}")
+
+
+def create_model(name: str, checkpoint: Path | None = None, **overrides: Any) -> nn.Module:
+    """Build model `name`; with `checkpoint`, size it from the file's shapes and load it strictly."""
+    check_model_name(name)
     if checkpoint is None:
         return _FACTORIES[name](**overrides)
     state = read_state_dict(checkpoint)
