@@ -20,7 +20,7 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline import config as config_module
-from pipeline import console
+from pipeline import console, torch_stack
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.runner import Pipeline
@@ -62,12 +62,19 @@ NoWaitOption = Annotated[
 
 
 def user_errors(function: F) -> F:
-    """Turn KdpipeError into a one-line message and its exit code."""
+    """Turn KdpipeError (and a torch/torchaudio/torchvision that cannot load) into a one-line message and its
+    exit code."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return function(*args, **kwargs)
+            try:
+                return function(*args, **kwargs)
+            except (ImportError, OSError, RuntimeError) as exc:
+                member = torch_stack.broken_member(exc)
+                if member is None:
+                    raise
+                raise torch_stack.stack_error(member, exc) from None
         except KdpipeError as exc:
             console.err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None

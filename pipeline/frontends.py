@@ -10,15 +10,30 @@ else.
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio.compliance.kaldi as kaldi
-import torchaudio.functional as taf
-import torchaudio.transforms as tat
 from torch import nn
+
+
+@functools.cache
+def _torchaudio() -> SimpleNamespace:
+    """torchaudio's modules, imported on first use rather than with this module.
+
+    A torchaudio build that does not match torch fails as it is imported; importing it here
+    stops only the commands that compute features, and the CLI names the mismatch
+    (pipeline.torch_stack), while --help, config show and status keep working.
+    """
+    import torchaudio.compliance.kaldi
+    import torchaudio.functional
+    import torchaudio.transforms
+
+    return SimpleNamespace(kaldi=torchaudio.compliance.kaldi, functional=torchaudio.functional,
+                           transforms=torchaudio.transforms)
 
 # Windowed-sinc resampling with a Kaiser window (beta 14.77, torchaudio's Kaiser
 # default), close to resampy's "kaiser_best". Rolloff 0.945 puts the cutoff (the -6 dB
@@ -45,7 +60,7 @@ def resample(waveform: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     if orig_sr <= 0 or new_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} -> {new_sr}")
     tensor = torch.from_numpy(np.ascontiguousarray(waveform))
-    out = taf.resample(
+    out = _torchaudio().functional.resample(
         tensor,
         orig_sr,
         new_sr,
@@ -94,7 +109,7 @@ class _Fp32Frontend(nn.Module):
 class Resample(_Fp32Frontend):
     """On-device resampling with the same filter as resample(), for models whose rate differs from the store's.
 
-    The filter kernel is computed once, in fp32 like taf.resample computes it for fp32 input (so the
+    The filter kernel is computed once, in fp32 like torchaudio's resample computes it for fp32 input (so the
     output is bit-identical), and kept as a buffer: no per-batch recomputation, and an exported graph
     holds a constant kernel (ONNX has no Bessel function to build the Kaiser window with).
     """
@@ -102,7 +117,7 @@ class Resample(_Fp32Frontend):
     def __init__(self, orig_sr: int, new_sr: int):
         super().__init__()
         self.orig_sr, self.sample_rate = orig_sr, new_sr
-        self.resampler = tat.Resample(
+        self.resampler = _torchaudio().transforms.Resample(
             orig_sr,
             new_sr,
             resampling_method=RESAMPLING_METHOD,
@@ -162,7 +177,8 @@ def kaldi_mel_banks(n_mels: int, n_fft: int, sample_rate: int, fmin: float, fmax
     Kaldi builds n_fft // 2 columns; the Nyquist column is appended as zeros, as both
     EfficientAT/PaSST and Kaldi's own fbank do. No VTLN warping (factor 1).
     """
-    banks, _ = kaldi.get_mel_banks(n_mels, n_fft, float(sample_rate), float(fmin), float(fmax), 100.0, -500.0, 1.0)
+    banks, _ = _torchaudio().kaldi.get_mel_banks(n_mels, n_fft, float(sample_rate), float(fmin), float(fmax),
+                                                 100.0, -500.0, 1.0)
     return F.pad(banks, (0, 1))
 
 
@@ -216,8 +232,8 @@ class MelFrontend(_Fp32Frontend):
         mel = torch.matmul(self._banks().to(power.device), power)
         logmel = torch.log(mel + 1e-5).unsqueeze(1)
         if self.training:
-            logmel = taf.mask_along_axis_iid(logmel, self.freqm, 0.0, axis=2)
-            logmel = taf.mask_along_axis_iid(logmel, self.timem, 0.0, axis=3)
+            logmel = _torchaudio().functional.mask_along_axis_iid(logmel, self.freqm, 0.0, axis=2)
+            logmel = _torchaudio().functional.mask_along_axis_iid(logmel, self.timem, 0.0, axis=3)
         return (logmel + 4.5) / 5.0
 
     def num_frames(self, num_samples: int) -> int:
@@ -236,7 +252,7 @@ class MfccFrontend(MelFrontend):
         super().__init__(**mel_options)
         if not 0 < n_mfcc <= self.n_mels:
             raise ValueError(f"n_mfcc must be in 1..n_mels ({self.n_mels}), got {n_mfcc}")
-        self.register_buffer("dct", taf.create_dct(n_mfcc, self.n_mels, "ortho").T.contiguous(), persistent=False)
+        self.register_buffer("dct", _torchaudio().functional.create_dct(n_mfcc, self.n_mels, "ortho").T.contiguous(), persistent=False)
 
     def compute(self, waveforms: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.dct.to(waveforms.device), super().compute(waveforms))

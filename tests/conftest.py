@@ -15,6 +15,11 @@ from stages import build_stages
 AUDIOSET_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "audioset"
 
 
+def pytest_collection_modifyitems(items):
+    """The environment checks run first: a drifted torch stack fails there, readably, before anything else."""
+    items.sort(key=lambda item: item.module.__name__ != "test_torch_stack")
+
+
 @pytest.fixture(scope="session")
 def audioset_metadata() -> Path:
     """The official AudioSet CSVs, read from ../shared (never copied into the repo)."""

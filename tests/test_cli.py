@@ -101,7 +101,8 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     demo_command, test_command = blocks[0].strip(), blocks[1].strip()
-    assert demo_command.endswith("kdpipe demo") and "pip install ." in demo_command
+    assert demo_command.endswith("kdpipe demo") and "pip install -c constraints.txt ." in demo_command
+    assert "-c constraints.txt" in test_command
     assert readme.index(demo_command) < 300
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] != "#"]
     assert ci_lines[-1] == test_command
