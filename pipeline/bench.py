@@ -80,7 +80,8 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
         store_path = random_store(root / "waves.zarr", clips, seconds, sample_rate, AUDIOSET_CLASSES)
         checkpoint = root / "teacher.pt"
         torch.save(model.state_dict(), checkpoint)
-        teacher = Teacher(TeacherSpec(arch, arch, checkpoint), sample_rate, device, batch_size, compile, precision)
+        teacher = Teacher(TeacherSpec(arch, arch, checkpoint, precision=precision, compile=compile), sample_rate,
+                          device, batch_size)
         store = WaveformStore.open(store_path)
         warm = torch.from_numpy(store.read(np.arange(min(batch_size, clips))))
         teacher.logits(warm)  # warm-up: kernels, allocator
@@ -110,7 +111,7 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
     ratios = [o / n for o, n in zip(ours, naive)]
     result = {"teacher": arch, "device": device_name(device), "clips": clips, "naive_clips": len(rows),
               "rounds": rounds, "seconds_per_clip": seconds, "batch_size": teacher.batch_size, "compiled": compile,
-              "precision": "bf16" if teacher.bf16 else "fp32", "ours_clips_per_s": float(np.median(ours)),
+              "precision": teacher.precision, "ours_clips_per_s": float(np.median(ours)),
               "naive_clips_per_s": float(np.median(naive)), "speedup": float(np.median(ratios)),
               "speedup_range": f"{min(ratios):.2f}-{max(ratios):.2f}", "gmacs_per_clip": macs / 1e9,
               "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -339,7 +339,7 @@ def predict(
     """Top labels of audio files from a trained model: windows of the training clip length, averaged."""
     from pipeline.predict import predict_files, top_k as ranked, write_windows_csv
     from pipeline.tagger import load_tagger
-    from pipeline.training import resolve_device
+    from pipeline.devices import resolve_device
 
     resolved = resolve_config(config, set_)
     tagger = load_tagger(make_pipeline(resolved), model, arch, resolve_device(resolved.device))
@@ -540,13 +540,13 @@ def bench_extract(
                                                 "a CPU (they would compete with the model for cores).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile our path (compile time excluded).")] = False,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 "
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on a CPU), fp32 "
                                            "or bf16.")] = "auto",
     rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds of both paths; medians are reported.")] = 3,
 ) -> None:
     """Teacher inference: clips/s of extract-teachers' path against a one-clip fp32 CPU-feature loop."""
     from pipeline.bench import bench_extract as run_bench
-    from pipeline.training import resolve_device
+    from pipeline.devices import resolve_device
 
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision: one of auto, fp32, bf16; got {precision!r}")
@@ -569,7 +569,7 @@ def bench_loader(
 ) -> None:
     """Training input: our store loader (int16 reads, features on the device) against per-item decoding."""
     from pipeline.bench import bench_loader as run_bench
-    from pipeline.training import resolve_device
+    from pipeline.devices import resolve_device
 
     result = run_bench(clips, seconds, batch_size, workers, resolve_device(device))
     print_bench(result, f"ours {result['ours_clips_per_s']:.1f} clips/s with features on the device "
@@ -592,7 +592,7 @@ def bench_train(
 ) -> None:
     """Training throughput of train-student's step on our loader, and the share of time spent waiting for data."""
     from pipeline.bench import bench_train as run_bench
-    from pipeline.training import resolve_device
+    from pipeline.devices import resolve_device
 
     result = run_bench(arch, clips, seconds, batch_size, workers, resolve_device(device), compile)
     print_bench(result, f"training {result['train_clips_per_s']:.1f} clips/s, "

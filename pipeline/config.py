@@ -99,7 +99,8 @@ class TeacherConfig(_Section):
         return self.arch is not None and self.checkpoint is None
 
 
-TRAINING_PRECISION = "auto: bf16 autocast on CUDA, fp32 on a CPU; the loss is computed in fp32"
+PRECISION = "auto: bf16 autocast on CUDA, fp32 on a CPU (bf16 on a CPU only when asked for); see pipeline.devices"
+TRAINING_PRECISION = PRECISION + "; the loss is computed in fp32"
 TRAINING_COMPILE = "torch.compile the model for training steps (not part of the cache key)"
 UNKEYED_TRAINING = ("num_workers", "compile")
 """Training settings that change speed, not results: left out of the cache keys."""
@@ -136,7 +137,7 @@ class ExtractConfig(_Section):
     num_workers: int = Field(2, ge=0, description="local engine: loader processes prefetching audio")
     compile: bool = Field(False, description="torch.compile the teachers (a minute to compile; mn10 ~2x on a CPU)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), else fp32")
+        "auto", description=PRECISION)
 
 
 class KDConfig(_Section):

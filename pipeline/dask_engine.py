@@ -42,12 +42,14 @@ class TeacherPlugin(WorkerPlugin):
 
 
 def _extract_chunk(chunk: int, plugin_name: str, store_path: str, logits_path: str,
-                   clips_per_batch: int) -> tuple[int, int]:
+                   clips_per_batch: int) -> tuple[int, int, str, str]:
+    """One chunk on a worker; returns (chunk, clips, device, precision) so the stage records what ran."""
     teacher = get_worker().plugins[plugin_name].teacher
     store = WaveformStore.open(Path(store_path))
     valid = store.column("status") == "ok"
     logits = TeacherLogits.open(Path(logits_path), mode="r+")
-    return chunk, run_chunk(teacher, store, logits, chunk, valid, clips_per_batch)
+    clips = run_chunk(teacher, store, logits, chunk, valid, clips_per_batch)
+    return chunk, clips, str(teacher.device), teacher.precision
 
 
 @contextlib.contextmanager
@@ -73,8 +75,12 @@ def connect(scheduler: str | None, n_workers: int) -> Iterator[Client]:
 
 
 def extract_dask(spec: TeacherSpec, store_path: Path, logits_path: Path, todo: list[int], batch_size: int,
-                 scheduler: str | None, n_workers: int) -> float:
-    """Extract `todo` chunks on a dask cluster; marks each done as its future completes. Returns seconds."""
+                 scheduler: str | None, n_workers: int) -> tuple[float, set[tuple[str, str]]]:
+    """Extract `todo` chunks on a dask cluster; marks each done as its future completes.
+
+    Returns the seconds taken and the (device, precision) pairs the workers ran with: each
+    worker resolves `precision: auto` on its own device (pipeline.devices).
+    """
     store = WaveformStore.open(store_path)
     logits = TeacherLogits.open(logits_path, mode="r+")
     valid = store.column("status") == "ok"
@@ -90,9 +96,11 @@ def extract_dask(spec: TeacherSpec, store_path: Path, logits_path: Path, todo: l
             task = bar.add_task(f"extract {spec.name} (dask, {len(client.scheduler_info()['workers'])} workers)",
                                 total=int(sum(valid[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()
                                               for c in todo)))
+            ran = set()
             for future in as_completed(futures):
-                chunk, clips = future.result()
+                chunk, clips, device, precision = future.result()
                 logits.mark_done(chunk)
+                ran.add((device, precision))
                 bar.advance(task, clips)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, ran
 

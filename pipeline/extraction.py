@@ -2,7 +2,7 @@
 
 Batches are read by prefetching loader processes into pinned memory while the
 model computes; features are computed on the device; inference runs under
-`torch.inference_mode` with bf16 autocast on CUDA. A batch that runs out of
+`torch.inference_mode` with bf16 autocast on CUDA (`precision: auto`). A batch that runs out of
 device memory is split in halves (and later batches with it). Batches never
 straddle a chunk, so a chunk's logits do not depend on which chunks ran before:
 a resumed or distributed extraction writes the same bytes as an uninterrupted one.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline import console
+from pipeline.devices import resolve_precision
 from pipeline.errors import KdpipeError
 from pipeline.frontends import build_frontend
 from pipeline.loader import batch_loader, sequential_batches
@@ -39,23 +40,25 @@ class TeacherSpec:
     checkpoint: Path
     options: dict[str, Any] = field(default_factory=dict)
     frontend: dict[str, Any] = field(default_factory=dict)
+    precision: str = "auto"  # resolved on the device that runs it (pipeline.devices)
+    compile: bool = False
 
 
 class Teacher:
     """A loaded teacher and its frontend on one device."""
 
-    def __init__(self, spec: TeacherSpec, store_sample_rate: int, device: torch.device, batch_size: int,
-                 compile: bool = False, precision: str = "auto"):
+    def __init__(self, spec: TeacherSpec, store_sample_rate: int, device: torch.device, batch_size: int):
         self.spec = spec
         self.device = device
-        self.bf16 = precision == "bf16" or (precision == "auto" and has_fast_bf16(device))
+        self.precision = resolve_precision(spec.precision, device)  # what runs: 'bf16' or 'fp32'
+        self.bf16 = self.precision == "bf16"
         model = create_model(spec.arch, checkpoint=spec.checkpoint, **spec.options).eval().to(device)
         # NHWC suits the depthwise convolutions of CNN teachers on GPUs and CPUs alike (2x for mn10 on a CPU).
         self.model: nn.Module = model.to(memory_format=torch.channels_last)
         # Freezing (weights as constants: batch norm folded, oneDNN-packed weights) is inference-only, as
         # here; on a CPU it is what makes compiling pay (mn10: 1.4x over compiling without it).
         options = {"freezing": True} if device.type == "cpu" else None
-        self.forward = torch.compile(self.model, dynamic=False, options=options) if compile else self.model
+        self.forward = torch.compile(self.model, dynamic=False, options=options) if spec.compile else self.model
         self.frontend = build_frontend({**self.model.frontend_config, **spec.frontend}, store_sample_rate)
         self.frontend.eval().to(device)
         self.batch_size = batch_size
@@ -84,18 +87,6 @@ class Teacher:
             else:
                 output = self.forward(features)
         return output.float()
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast pays on `device`: CUDA, or a CPU with bf16 dot-product units (AVX512-BF16, AMX).
-
-    Elsewhere a CPU emulates bf16 and runs slower than fp32. Targets lose nothing that matters: they
-    are stored as float16, and bf16 moves tiny teachers' logits by ~1e-2.
-    """
-    if device.type == "cuda":
-        return True
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def chunk_batches(logits: TeacherLogits, chunk: int, valid: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Training pieces shared by every trained stage: device, schedule, mixup, prediction, the epoch loop.
+"""Training pieces shared by every trained stage: schedule, mixup, prediction, the epoch loop.
 
 A stage supplies the model, its frontend and a loss over (logits, rows, mixup);
 this module runs epochs from the waveform store, evaluates mAP on the eval
@@ -21,18 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import atomic, console, distributed
+from pipeline.devices import resolve_precision
 from pipeline.distributed import SINGLE, Ranks
 from pipeline.errors import KdpipeError
 from pipeline.loader import BatchLoader, sequential_batches, weighted_batches
 from pipeline.metrics import tagging_metrics
 from pipeline.waveform_store import WaveformStore
-
-
-def resolve_device(name: str, ranks: Ranks = SINGLE) -> torch.device:
-    """`auto` means the first GPU when there is one; under DDP each rank takes its own GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.device_for(ranks, torch.device(name))
 
 
 def lr_multiplier(epoch: int, warmup_epochs: int, rampdown_start: int, rampdown_epochs: int,
@@ -150,8 +144,8 @@ class FitSettings:
     compile: bool = False
 
     def bf16(self, device: torch.device) -> bool:
-        """bf16 autocast for the model's forward: asked for, or `auto` on CUDA."""
-        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+        """bf16 autocast for the model's forward (pipeline.devices says what `auto` means)."""
+        return resolve_precision(self.precision, device) == "bf16"
 
 
 def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Optimizer, waves: torch.Tensor,

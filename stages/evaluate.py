@@ -19,7 +19,7 @@ import torch
 import zarr
 from torch import nn
 
-from pipeline import bench, console, evaluate, metrics, report, training
+from pipeline import bench, console, devices, evaluate, metrics, report, training
 from pipeline.config import Config, to_plain
 from pipeline.errors import KdpipeError
 from pipeline.evaluate import Evaluation, ModelResult
@@ -76,9 +76,8 @@ def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, t
                                 teacher.arch or "imported logits", targets, array.oindex[rows, :])
         if teacher.logits is None:  # a model to measure (imported logits come without one)
             loaded = Teacher(TeacherSpec(teacher.label, teacher.arch, Path(array.attrs["checkpoint"]),
-                                         dict(teacher.options), dict(teacher.frontend)),
-                             store.sample_rate, device, config.evaluation.batch_size,
-                             precision=config.extract.precision)
+                                         dict(teacher.options), dict(teacher.frontend), config.extract.precision),
+                             store.sample_rate, device, config.evaluation.batch_size)
             result.footprint = evaluate.measure_footprint(loaded.model, loaded.logits, config.data.clip_seconds,
                                                           store.clip_samples, config.evaluation.batch_size, device)
         results.append(result)
@@ -135,7 +134,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if len(rows) == 0:
         raise KdpipeError(f"evaluation.split: the store has no decoded clips in split '{split}'")
     targets = store.column("labels")[rows].astype(bool)
-    device = training.resolve_device(config.device)
+    device = devices.resolve_device(config.device)
     results = teacher_results(ctx, store, rows, targets, device) if EXTRACT in ctx.upstream else []
     kd = config.student.kd.enabled
     students = [("student_kd" if kd else "student_no_kd", f"student, {'with' if kd else 'no'} KD", config,

@@ -29,7 +29,7 @@ from pipeline.fingerprint import sha256_file
 from pipeline.logits_store import TeacherLogits
 from pipeline.metrics import tagging_metrics
 from pipeline.stage import Stage, StageContext
-from pipeline.training import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.waveform_store import WaveformStore
 from stages import train_teacher
 
@@ -85,11 +85,12 @@ def run_teacher(teacher: TeacherConfig):
         store_path = ctx.upstream["prepare"] / "waveforms.zarr"
         store = WaveformStore.open(store_path)
         checkpoint = checkpoint_path(teacher, ctx.upstream)
-        spec = TeacherSpec(teacher.label, teacher.arch, checkpoint, dict(teacher.options), dict(teacher.frontend))
+        spec = TeacherSpec(teacher.label, teacher.arch, checkpoint, dict(teacher.options), dict(teacher.frontend),
+                           settings.precision, settings.compile)
         device = resolve_device(config.device)
-        loaded = Teacher(spec, store.sample_rate, device, settings.batch_size, settings.compile, settings.precision)
+        loaded = Teacher(spec, store.sample_rate, device, settings.batch_size)
         n_out = _output_classes(loaded, store)
-        precision = "bf16" if loaded.bf16 else "fp32"
+        probe = (str(device), loaded.precision)  # what this process runs; dask workers report their own
         path = ctx.out_dir / "logits.zarr"
         logits = (TeacherLogits.open(path, mode="r+") if path.exists() else TeacherLogits.create(
             path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label}))
@@ -98,18 +99,20 @@ def run_teacher(teacher: TeacherConfig):
             console.info(f"{teacher.label}: {logits.n_chunks - len(todo)} of {logits.n_chunks} chunks already done")
         if settings.engine == "dask":
             del loaded  # the workers load their own copies
-            seconds = dask_engine.extract_dask(spec, store_path, path, todo, settings.batch_size,
-                                               settings.scheduler, settings.dask_workers)
+            seconds, ran = dask_engine.extract_dask(spec, store_path, path, todo, settings.batch_size,
+                                                    settings.scheduler, settings.dask_workers)
         else:
-            seconds = extraction.extract_local(loaded, store_path, logits, todo, settings.batch_size,
-                                               settings.num_workers)
+            seconds, ran = extraction.extract_local(loaded, store_path, logits, todo, settings.batch_size,
+                                                    settings.num_workers), {probe}
+        ran = ran or {probe}  # nothing was left to compute
         computed = int(sum((store.column("status") == "ok")[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()
                            for c in todo))
         metrics = eval_metrics(logits.logits[:], store, config.evaluation.split)
         attributes = {
             "teacher": teacher.label, "arch": teacher.arch, "checkpoint": str(checkpoint),
             "checkpoint_sha256": sha256_file(checkpoint), "frontend": {**loaded_frontend(spec)},
-            "device": str(device), "precision": precision, "engine": settings.engine,
+            "device": ", ".join(sorted({d for d, _ in ran})), "precision": ", ".join(sorted({p for _, p in ran})),
+            "engine": settings.engine,
             "wall_seconds": round(seconds, 3),
             "clips_per_second": round(computed / seconds, 2) if seconds > 0 else None, **metrics,
         }

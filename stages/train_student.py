@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline import atomic, collaborative, distributed, frontends, loader, models, training
+from pipeline import atomic, collaborative, devices, distributed, frontends, loader, models, training
 from pipeline.config import UNKEYED_TRAINING, Config, StudentConfig
 from pipeline.errors import KdpipeError
 from pipeline.models import create_model, mobilenet
@@ -112,7 +112,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     store_path = ctx.upstream["prepare"] / "waveforms.zarr"
     store = WaveformStore.open(store_path)
     train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, NAME)
-    device = training.resolve_device(config.device, ranks)
+    device = devices.resolve_device(config.device, ranks)
     seed = config.seed if student.seed is None else student.seed
     torch.manual_seed(seed)
     if student.representations:

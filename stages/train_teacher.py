@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import frontends, loader, models, training
+from pipeline import devices, frontends, loader, models, training
 from pipeline.models import ast, mobilenet, passt
 from pipeline.config import UNKEYED_TRAINING, Config, TeacherConfig, to_plain
 from pipeline.models import create_model, load_checkpoint
@@ -59,7 +59,7 @@ def run_for(teacher: TeacherConfig):
             last_lr_factor=settings.last_lr_factor, mixup_alpha=settings.mixup_alpha,
             eval_batch_size=config.evaluation.batch_size, num_workers=settings.num_workers, seed=config.seed,
             precision=settings.precision, compile=settings.compile,
-        ), ctx.out_dir, training.resolve_device(config.device))
+        ), ctx.out_dir, devices.resolve_device(config.device))
         return {"arch": teacher.arch, "best_epoch": best["epoch"], "mAP": best["mAP"], "mAUC": best["mAUC"],
                 "d_prime": best["d_prime"], "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -72,6 +72,7 @@ def test_store_layout_and_values(built, small_demo):
     assert attrs["arch"] == "passt_tiny" and len(attrs["checkpoint_sha256"]) == 64
     assert {"mAP", "mAUC", "wall_seconds", "clips_per_second", "frontend"} <= set(attrs)
     assert attrs["frontend"]["kind"] == "mel"
+    assert attrs["precision"] == "fp32" and attrs["device"] == "cpu"  # precision auto on a CPU
 
 
 def test_adding_a_teacher_computes_only_that_teacher(built, small_demo):
@@ -96,6 +97,25 @@ def test_dask_engine_equals_local_engine(built, small_demo, tmp_path):
     out = distributed.ensure("extract/passt_tiny", force=True)
     np.testing.assert_array_equal(zarr.open_group(out / "logits.zarr", mode="r")["logits"][:],
                                   store["teachers/passt_tiny/logits"][:])
+
+
+def test_dask_engine_runs_and_records_the_configured_precision(small_demo, tmp_path):
+    """fp32 and bf16 separately: the dask workers' logits equal the local engine's, and the stored
+    `precision` attribute is what ran (the two precisions give different logits)."""
+    one_teacher = [item for item in settings(small_demo, tmp_path) if not item.startswith("teachers.1")]
+    results = {}
+    for precision in ("fp32", "bf16"):
+        items = [*one_teacher, f"extract.precision={precision}"]
+        local = Pipeline(build_stages(config := load_config(None, items)), config)
+        logits = zarr.open_group(local.ensure("extract/passt_tiny") / "logits.zarr", mode="r")["logits"]
+        expected, recorded = logits[:], logits.attrs["precision"]
+        items += ["extract.engine=dask", "extract.dask_workers=1"]
+        dask = Pipeline(build_stages(config := load_config(None, items)), config)
+        logits = zarr.open_group(dask.ensure("extract/passt_tiny", force=True) / "logits.zarr", mode="r")["logits"]
+        np.testing.assert_array_equal(logits[:], expected)
+        assert recorded == logits.attrs["precision"] == precision and logits.attrs["device"] == "cpu"
+        results[precision] = expected
+    assert not np.array_equal(results["fp32"], results["bf16"])
 
 
 def test_kill_9_then_resume_is_bit_identical(built, small_demo, tmp_path):

@@ -1,9 +1,11 @@
 """EfficientAT MobileNetV3 students: published sizes, checkpoint key layout, heads, complexity counting.
 
-Expected numbers come from /work/shared/reference/efficientat.md (sections 1.2-1.8).
+Expected numbers come from EfficientAT (Schmid et al., ICASSP 2023: its model table) and the
+module tree of its released checkpoints.
 Size checks build models on the meta device, so even mn40 costs no compute.
 """
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from torch import nn
 from pipeline.models.complexity import count_macs
 from pipeline.models.mobilenet import NAME_TO_WIDTH, MobileNetV3, block_configs, make_divisible
 
-# Notes 1.4: name, width, stem, last-conv out (embedding), MLP hidden, params (M), MACs @ 128x1000 (G).
+# EfficientAT's table: name, width, stem, last-conv out (embedding), MLP hidden, params (M), MACs @ 128x1000 (G).
 SIZE_TABLE = [
     ("mn01", 0.1, 8, 96, 128, 0.124, 0.018),
     ("mn02", 0.2, 8, 192, 256, 0.325, 0.040),
@@ -28,7 +30,7 @@ SIZE_TABLE = [
     ("mn40", 4.0, 64, 3840, 5120, 68.427, 8.028),
 ]
 
-# Notes 1.4: per-block (expanded, out) widths.
+# Per-block (expanded, out) widths.
 BLOCK_WIDTHS = {
     0.4: [(8, 8), (24, 16), (32, 16), (32, 16), (48, 16), (48, 16), (96, 32), (80, 32), (72, 32), (72, 32),
           (192, 48), (272, 48), (272, 64), (384, 64), (384, 64)],
@@ -40,7 +42,7 @@ BLOCK_WIDTHS = {
           (736, 320), (1920, 448), (2688, 448), (2688, 640), (3840, 640), (3840, 640)],
 }
 
-# Notes 1.2 at w = 1.0: (in, kernel, expanded, out, SE) per block.
+# MobileNetV3-Large at w = 1.0: (in, kernel, expanded, out, SE) per block.
 MN10_BLOCKS = [
     (16, 3, 16, 16, False), (16, 3, 64, 24, False), (24, 3, 72, 24, False), (24, 5, 72, 40, True),
     (40, 5, 120, 40, True), (40, 5, 120, 40, True), (40, 3, 240, 80, False), (80, 3, 200, 80, False),
@@ -149,6 +151,72 @@ def test_expand_conv_omitted_when_widths_match():
     assert sd["features.4.block.0.0.weight"].shape == (8, 1, 5, 5)
     assert sd["features.4.block.1.conc_se_layers.0.fc1.weight"].shape == (8, 8)
     assert sd["features.5.block.0.0.weight"].shape == (16, 8, 1, 1)  # exp 16 != in 8: expand present
+
+
+def efficientat_head(head_type: str, width: float, classes: int = 527, heads: int = 4) -> dict[str, tuple]:
+    """EfficientAT's classifier keys and shapes for one head type, from its table and module names."""
+    embed, hidden = next((e, h) for _, w, _, e, h, _, _ in SIZE_TABLE if w == width)
+    if head_type == "mlp":
+        return {"classifier.2.weight": (hidden, embed), "classifier.2.bias": (hidden,),
+                "classifier.5.weight": (classes, hidden), "classifier.5.bias": (classes,)}
+    if head_type == "fully_convolutional":
+        return _conv_bn("classifier", (classes, embed, 1, 1))
+    return {"classifier.subspace_proj.weight": (2 * heads * classes, embed),
+            "classifier.subspace_proj.bias": (2 * heads * classes,), "classifier.head_weight": (1, heads, 1)}
+
+
+def head_reference(head_type: str, weights: dict[str, torch.Tensor], fmap: torch.Tensor) -> np.ndarray:
+    """The head's eval-mode logits written out in float64 numpy, independently of the model code."""
+    x = fmap.double().numpy()
+    w = {k.removeprefix("classifier."): v.double().numpy() for k, v in weights.items() if k.startswith("classifier.")}
+    if head_type == "mlp":
+        hidden = x.mean(axis=(2, 3)) @ w["2.weight"].T + w["2.bias"]
+        hidden = hidden * np.clip(hidden + 3, 0, 6) / 6  # hardswish
+        return hidden @ w["5.weight"].T + w["5.bias"]
+    if head_type == "fully_convolutional":
+        conv = np.einsum("oc,bcft->boft", w["0.weight"][:, :, 0, 0], x)
+        scale = w["1.weight"] / np.sqrt(w["1.running_var"] + 1e-5)  # nn.BatchNorm2d's default eps
+        normed = (conv - w["1.running_mean"][:, None, None]) * scale[:, None, None] + w["1.bias"][:, None, None]
+        return normed.mean(axis=(2, 3))
+    frames = x.mean(axis=2).transpose(0, 2, 1)  # (B, T, C)
+    projected = frames @ w["subspace_proj.weight"].T + w["subspace_proj.bias"]
+    heads = w["head_weight"].shape[1]
+    projected = projected.reshape(len(x), frames.shape[1], 2, heads, -1)
+    att = np.clip(1 / (1 + np.exp(-projected[:, :, 0])), 1e-7, 1 - 1e-7)
+    att = att / att.sum(axis=1, keepdims=True)
+    return ((att * projected[:, :, 1]).sum(axis=1) * w["head_weight"]).sum(axis=1)
+
+
+@pytest.mark.parametrize("width", [0.4, 1.0, 2.0])
+@pytest.mark.parametrize("head_type", ["mlp", "fully_convolutional", "multihead_attention_pooling"])
+def test_efficientat_heads_load_strictly_and_compute_its_logits(head_type, width):
+    model = MobileNetV3(width=width, head_type=head_type, num_classes=40).eval()
+    expected = efficientat_head(head_type, width, classes=40)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("classifier.")} == expected
+    generator = torch.Generator().manual_seed(0)
+    state = model.state_dict()
+    for key, shape in expected.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        values = torch.randn(shape, generator=generator) * 0.5
+        # Small running variances, as trained fc heads have: they make the BatchNorm eps matter.
+        state[key] = values.abs() * 1e-3 + 1e-4 if key.endswith("running_var") else values
+        if key.endswith("subspace_proj.bias"):
+            # Saturate the attention of every other (head, class): EfficientAT clamps it to [eps, 1 - eps].
+            state[key][: len(values) // 2 : 2] -= 40
+    model.load_state_dict(state, strict=True)
+    fmap = torch.randn(3, model.embedding_dim, 4, 7, generator=generator)
+    with torch.no_grad():
+        ours = model.classifier(fmap).flatten(1).double().numpy()
+    reference = head_reference(head_type, state, fmap)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+
+
+def test_only_the_body_takes_bn_momentum_and_eps():
+    model = meta_model(width=1.0, head_type="fully_convolutional", bn_momentum=0.05)
+    body = [m for m in model.features.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert body and all(m.eps == 1e-3 and m.momentum == 0.05 for m in body)
+    assert model.classifier[1].eps == 1e-5 and model.classifier[1].momentum == 0.1
 
 
 def test_fully_convolutional_head_keys():

@@ -3,7 +3,7 @@
 The module tree mirrors EfficientAT's so that its released checkpoints (mn01_as ...
 mn40_as, mn10_as_fc*) load with ``load_state_dict(strict=True)``: top-level
 ``features`` (stem, 15 inverted residuals, last 1x1 conv) and ``classifier``.
-Facts follow /work/shared/reference/efficientat.md section 1.
+Facts follow EfficientAT (Schmid et al., ICASSP 2023) and its released code's module tree.
 """
 
 from __future__ import annotations
@@ -193,10 +193,11 @@ class InvertedResidual(nn.Module):
 class MultiHeadAttentionPooling(nn.Module):
     """PSLA-style attention pooling over time (EfficientAT's third head type; no released checkpoint).
 
-    Frequency is averaged out, then one Linear per frame gives, for each of
-    `num_heads` heads, attention logits and values per class. A sigmoid attention
-    is normalised over time, values stay linear (identity), and the per-head pooled
-    logits are mixed by a learned `head_weight`.
+    Frequency is averaged out, then one Linear per frame (`subspace_proj`) gives, for each of
+    `num_heads` heads, attention logits and values per class. The sigmoid attention is clamped
+    to [eps, 1 - eps] and normalised over time, values stay linear (identity), and the per-head
+    pooled logits are mixed by a learned `head_weight` of shape (1, heads, 1). Names, shapes and
+    arithmetic are EfficientAT's, so its weights load strictly and give its logits.
     """
 
     def __init__(self, in_dim: int, num_classes: int, num_heads: int = 4, eps: float = 1e-7):
@@ -204,16 +205,17 @@ class MultiHeadAttentionPooling(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.eps = eps
-        self.proj = nn.Linear(in_dim, 2 * num_heads * num_classes)
-        self.head_weight = nn.Parameter(torch.full((num_heads,), 1.0 / num_heads))
+        self.subspace_proj = nn.Linear(in_dim, 2 * num_heads * num_classes)
+        self.head_weight = nn.Parameter(torch.full((1, num_heads, 1), 1.0 / num_heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = x.mean(dim=2).transpose(1, 2)  # (B, T, C)
-        att, val = self.proj(frames).view(x.shape[0], -1, 2, self.num_heads, self.num_classes).unbind(dim=2)
-        att = torch.sigmoid(att)
-        att = att / (att.sum(dim=1, keepdim=True) + self.eps)
+        projected = self.subspace_proj(frames).view(x.shape[0], -1, 2, self.num_heads, self.num_classes)
+        att, val = projected.unbind(dim=2)  # each (B, T, heads, classes)
+        att = torch.sigmoid(att).clamp(self.eps, 1.0 - self.eps)
+        att = att / att.sum(dim=1, keepdim=True)
         pooled = (att * val).sum(dim=1)  # (B, heads, classes)
-        return (pooled * self.head_weight.view(1, -1, 1)).sum(dim=1)
+        return (pooled * self.head_weight).sum(dim=1)
 
 
 class MobileNetV3(nn.Module):
@@ -291,14 +293,16 @@ class MobileNetV3(nn.Module):
         elif head_type == "fully_convolutional":
             self.classifier = nn.Sequential(
                 nn.Conv2d(self.embedding_dim, num_classes, 1, bias=False),
-                nn.BatchNorm2d(num_classes, eps=BN_EPS, momentum=BN_MOMENTUM),
+                # EfficientAT's head uses PyTorch's default BatchNorm (eps 1e-5, momentum 0.1), not the body's.
+                nn.BatchNorm2d(num_classes),
                 nn.AdaptiveAvgPool2d(1),
             )
         else:
             self.classifier = MultiHeadAttentionPooling(self.embedding_dim, num_classes, attention_heads)
         self._init_weights()
         # EfficientAT's 0.01 suits 200 epochs of 100 k clips; short runs need faster running statistics.
-        for module in self.modules():
+        # Body only: the fc head's BatchNorm keeps EfficientAT's momentum 0.1.
+        for module in self.features.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = bn_momentum
 
