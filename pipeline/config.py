@@ -199,6 +199,10 @@ class Config(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     seed: int = Field(0, ge=0)
 
+    def teacher(self, label: str) -> TeacherConfig:
+        """The teacher entry called `label`."""
+        return next(teacher for teacher in self.teachers if teacher.label == label)
+
     @field_validator("teachers")
     @classmethod
     def _unique_teacher_names(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
@@ -357,6 +361,43 @@ def _field_names_at(loc: tuple[Any, ...]) -> list[str]:
 
 
 # -------------------------------------------------------------- canonical form
+def resolved_settings(config: Config) -> Config:
+    """The config as stage keys see it: each setting that defaults to another replaced by its resolved value.
+
+    Every spelling of one run then has one key: `student.seed` unset and set to `seed`; a teacher's
+    `name` unset and set to its arch; `student.arch: mn10` and `mobilenetv3` at width 1.0 (and
+    `student.width`, which only `mobilenetv3` reads, at its default for every other arch);
+    `precision: auto` and the precision it means on `device` (pipeline.devices); a relative path
+    and the absolute one (relative paths are relative to the working directory).
+    """
+    from pipeline.devices import resolve_device, resolve_precision
+    from pipeline.models.mobilenet import NAME_TO_WIDTH
+
+    data = _absolute_paths(config.model_dump())
+    student = data["student"]
+    student["seed"] = data["seed"] if student["seed"] is None else student["seed"]
+    if student["arch"] in NAME_TO_WIDTH:
+        student["arch"], student["width"] = "mobilenetv3", NAME_TO_WIDTH[student["arch"]]
+    elif student["arch"] != "mobilenetv3":
+        student["width"] = StudentConfig.model_fields["width"].default
+    for teacher, entry in zip(config.teachers, data["teachers"]):
+        entry["name"] = teacher.label
+    device = resolve_device(config.device)
+    for section in ("teacher_training", "extract", "student"):
+        data[section]["precision"] = resolve_precision(data[section]["precision"], device)
+    return Config.model_validate(data)
+
+
+def _absolute_paths(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.expanduser().resolve()
+    if isinstance(value, dict):
+        return {key: _absolute_paths(child) for key, child in value.items()}
+    if isinstance(value, list):
+        return [_absolute_paths(child) for child in value]
+    return value
+
+
 def to_plain(config: BaseModel) -> dict[str, Any]:
     """The config as JSON-ready plain data with typed values (paths as strings)."""
     return config.model_dump(mode="json")

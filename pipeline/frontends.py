@@ -252,7 +252,8 @@ class MfccFrontend(MelFrontend):
         super().__init__(**mel_options)
         if not 0 < n_mfcc <= self.n_mels:
             raise ValueError(f"n_mfcc must be in 1..n_mels ({self.n_mels}), got {n_mfcc}")
-        self.register_buffer("dct", _torchaudio().functional.create_dct(n_mfcc, self.n_mels, "ortho").T.contiguous(), persistent=False)
+        dct = _torchaudio().functional.create_dct(n_mfcc, self.n_mels, "ortho").T.contiguous()
+        self.register_buffer("dct", dct, persistent=False)
 
     def compute(self, waveforms: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.dct.to(waveforms.device), super().compute(waveforms))

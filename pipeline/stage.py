@@ -2,7 +2,8 @@
 
 The key of a stage is a sha256 over canonical JSON of
   - the stage's name and schema version (bumped when output meaning changes);
-  - the config subset it declares (canonical typed values, not YAML text);
+  - the config subset it declares (canonical typed values, not YAML text; each setting that defaults
+    to another at its resolved value: config.resolved_settings);
   - its upstream stages' keys (Merkle chaining: O(config), not O(data));
   - a hash of its own source code (declared modules or functions);
   - fingerprints of external inputs (manifest and checkpoint contents).
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pipeline.config import Config, canonical_json, select, to_plain
+from pipeline.config import Config, canonical_json, resolved_settings, select, to_plain
 from pipeline.fingerprint import FingerprintDB, sha256_text, source_hash
 
 
@@ -55,7 +56,8 @@ class Stage:
     """True when `run` continues a partial output folder instead of needing a fresh one."""
 
     def parameters(self, config: Config) -> dict[str, Any]:
-        """The parameter values that enter the key, by their names."""
+        """The parameter values that enter the key, by their names, as resolved values (one run, one key)."""
+        config = resolved_settings(config)
         plain = to_plain(config)
         return {**{name: select(plain, name) for name in self.params}, **self.param_values(config)}
 

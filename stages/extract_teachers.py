@@ -145,7 +145,8 @@ def teacher_stage(teacher: TeacherConfig) -> Stage:
     return Stage(
         name=PREFIX + teacher.label,
         params=("extract.dtype", "extract.chunk_clips", "extract.precision"),
-        param_values=lambda config: {"teacher": teacher.model_dump(mode="json", exclude={"weight", "init"})},
+        param_values=lambda config: {
+            "teacher": config.teacher(teacher.label).model_dump(mode="json", exclude={"weight", "init"})},
         outputs=("logits.zarr",),
         run=run_teacher(teacher),
         code=(extraction, logits_store.TeacherLogits, loaded_frontend, run_teacher, run_import, interop,

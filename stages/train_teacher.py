@@ -71,7 +71,8 @@ def stage_for(teacher: TeacherConfig) -> Stage:
     return Stage(
         name=stage_name(teacher),
         params=(*(f"teacher_training.{key}" for key in training_keys), "evaluation.split", "seed"),
-        param_values=lambda config: {"teacher": teacher.model_dump(mode="json", exclude={"weight"})},
+        param_values=lambda config: {
+            "teacher": config.teacher(teacher.label).model_dump(mode="json", exclude={"weight"})},
         outputs=("best.pt", "last.pt", "metrics.jsonl"),
         run=run_for(teacher),
         code=(sys.modules[__name__], training, loader, frontends, models, mobilenet, passt, ast),

@@ -95,3 +95,35 @@ def test_cli_config_show_resolves_overrides():
     assert "student" not in result.output and "prepare.shard_clips: 256" in result.output
     shown = CliRunner().invoke(app, ["config", "show", "--set", "student.width=2.5"])
     assert "width: 2.5" in shown.output
+
+
+def test_every_spelling_of_one_run_has_one_key(tmp_path, small_demo, monkeypatch):
+    """Settings that default to others enter keys resolved: each spelling finds the same cache entries."""
+    from pipeline.runner import Pipeline
+    from stages import build_stages
+
+    monkeypatch.chdir(small_demo.root)
+    base = [f"cache_dir={tmp_path}", f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0",
+            "teachers.0.arch=passt_tiny", "seed=3"]
+
+    def keys(*items: str) -> dict[str, str]:
+        config = load_config(None, [*base, *items])
+        return Pipeline(build_stages(config), config).referenced_keys()
+
+    plain = keys(f"data.sources.0.path={small_demo.manifest}", "student.arch=mn10")
+    assert len(plain) == 6
+    spellings = [
+        ["data.sources.0.path=manifest.csv", "student.arch=mn10"],  # relative to the working directory
+        [f"data.sources.0.path={small_demo.manifest}", "student.arch=mobilenetv3", "student.width=1.0"],
+        [f"data.sources.0.path={small_demo.manifest}", "student.arch=mn10", "student.width=2.5"],  # width unread
+        [f"data.sources.0.path={small_demo.manifest}", "student.arch=mn10", "student.seed=3"],
+        [f"data.sources.0.path={small_demo.manifest}", "student.arch=mn10", "teachers.0.name=passt_tiny"],
+        [f"data.sources.0.path={small_demo.manifest}", "student.arch=mn10", "student.precision=fp32",
+         "teacher_training.precision=fp32", "extract.precision=fp32", "device=cpu"],  # auto on a CPU
+    ]
+    for items in spellings:
+        assert keys(*items) == plain, items
+    different = keys(f"data.sources.0.path={small_demo.manifest}", "student.arch=mn10", "student.seed=4")
+    assert different["train-student"] != plain["train-student"]
+    assert {name: key for name, key in different.items() if name not in ("train-student", "evaluate")} == \
+        {name: key for name, key in plain.items() if name not in ("train-student", "evaluate")}
