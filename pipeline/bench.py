@@ -29,7 +29,7 @@ from pipeline.logits_store import TeacherLogits
 from pipeline.manifests import ClassList
 from pipeline.models import create_model
 from pipeline.models.complexity import count_macs
-from pipeline.models.passt import windowed_forward
+from pipeline.models.windowing import clip_forward
 from pipeline.training import label_loss, train_step
 from pipeline.waveform_store import WaveformStore
 
@@ -58,10 +58,7 @@ def naive_logits(model: torch.nn.Module, frontend: torch.nn.Module, wave: np.nda
     """The reference repos' way: one clip, fp32, features computed on the CPU, then the model on the device."""
     with torch.no_grad():
         features = frontend(torch.from_numpy(wave[None]).float() / 32768.0).to(device)
-        if features.shape[-1] > getattr(model, "max_frames", features.shape[-1]):
-            windowed_forward(model, features)
-        else:
-            model(features)
+        clip_forward(model, features, getattr(model, "max_frames", None))
 
 
 def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device: torch.device,
@@ -271,7 +268,8 @@ def bench_train(arch: str, clips: int, seconds: float, batch_size: int, workers:
         rng = np.random.default_rng(0)
 
         def step(waves: torch.Tensor, rows: torch.Tensor) -> None:
-            train_step(stepped, frontend, optimizer, waves, rows, labels, label_loss, 0.3, rng, device.type == "cuda")
+            train_step(stepped, frontend, optimizer, waves, rows, labels, label_loss, 0.3, rng, device.type == "cuda",
+                       getattr(model, "max_frames", None))
             _sync(device)
 
         loader = iter(batch_loader(store_path, batches, num_workers=workers, pin_memory=device.type == "cuda"))

@@ -399,7 +399,9 @@ def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption 
 @app.command()
 @user_errors
 def status(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """One row per stage: fresh, stale (and what changed) or missing."""
+    """One row per stage: fresh, stale (and what changed) or missing; then how clips reach each model."""
+    from pipeline.models.windowing import coverage_notes
+
     pipeline = make_pipeline(resolve_config(config, set_))
     table = Table("stage", "state", "key", "why")
     colours = {"fresh": "green", "stale": "yellow", "missing": "red"}
@@ -408,6 +410,8 @@ def status(config: ConfigOption = None, set_: SetOption = None) -> None:
         why = "; ".join(state.reasons) or ("up to date" if state.state == "fresh" else "never built")
         table.add_row(name, f"[{colours[state.state]}]{state.state}[/]", state.key, why)
     console.out.print(table)
+    for note in coverage_notes(pipeline.config):
+        console.out.print(note, markup=False, highlight=False)
 
 
 @app.command()
@@ -481,11 +485,15 @@ def config_show(
     stage: Annotated[str | None, typer.Option(help="Only the keys this stage depends on.")] = None,
 ) -> None:
     """Print the resolved config (defaults < file < --set) as YAML."""
+    from pipeline.models.windowing import coverage_notes
+
     resolved = resolve_config(config, set_, check_files=False)
     plain = config_module.to_plain(resolved)
     if stage is not None:
         plain = make_pipeline(resolved).stage(stage).parameters(resolved)
     console.out.print(config_module.dump_yaml(plain), end="", markup=False)
+    for note in coverage_notes(resolved):  # on stderr: stdout stays valid YAML
+        console.info(note)
 
 
 # ------------------------------------------------------------------ cache

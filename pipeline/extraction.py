@@ -27,7 +27,7 @@ from pipeline.frontends import build_frontend
 from pipeline.loader import batch_loader, sequential_batches
 from pipeline.logits_store import TeacherLogits
 from pipeline.models import create_model
-from pipeline.models.passt import windowed_forward
+from pipeline.models.windowing import clip_forward
 from pipeline.waveform_store import WaveformStore
 
 
@@ -82,10 +82,7 @@ class Teacher:
         features = self.frontend(waves.to(self.device, non_blocking=True).float() / 32768.0)
         features = features.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if features.shape[-1] > getattr(self.model, "max_frames", features.shape[-1]):
-                output = windowed_forward(self.forward, features, window_frames=self.model.max_frames)
-            else:
-                output = self.forward(features)
+            output = clip_forward(self.forward, features, getattr(self.model, "max_frames", None))
         return output.float()
 
 

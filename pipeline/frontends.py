@@ -297,7 +297,7 @@ AST_NORM_STD = 2 * 4.5689974
 
 
 class FbankFrontend(_Fp32Frontend):
-    """AST's input: Kaldi log-mel fbank at 16 kHz, padded or cropped, normalised.
+    """AST's input: Kaldi log-mel fbank at 16 kHz, padded to the model's input length, normalised.
 
     Equals, per clip, torchaudio.compliance.kaldi.fbank(x - x.mean(), htk_compat=True,
     sample_frequency=sample_rate, use_energy=False, window_type="hanning", num_mel_bins=n_mels,
@@ -306,11 +306,14 @@ class FbankFrontend(_Fp32Frontend):
     padding to a power-of-two FFT, power, Kaldi mel banks 20 Hz..Nyquist, log floored at
     float32 eps. (htk_compat only moves the energy column, which is off.) The waveform mean is
     removed per clip as AST's training dataloader does. Frames are zero-padded at the end (in
-    the log domain, before normalisation) or cropped to target_frames, then normalised as
+    the log domain, before normalisation) up to target_frames, then normalised as
     (x - norm_mean) / norm_std. norm_std is the divisor itself: AST's factor 2 is already in
     the default (2 * 4.5689974); teachers without it (PSLA, CAV-MAE) pass their std as is.
 
-    Output (batch, 1, n_mels, target_frames): frequency before time. AST's dataloader yields
+    Longer clips are never cropped (AST's dataloader would cut them silently): their frames all
+    come out, and pipeline.models.windowing covers them with windows of the model's input.
+
+    Output (batch, 1, n_mels, max(target_frames, frames)): frequency before time. AST's dataloader yields
     (time, freq) and its forward transposes to (1, freq, time) before the patch conv; this
     frontend emits that post-transpose layout, so an AST teacher fed from here must skip the
     transpose.
@@ -344,11 +347,12 @@ class FbankFrontend(_Fp32Frontend):
         power = torch.fft.rfft(frames, n=self.n_fft).abs().pow(2)
         mel = torch.matmul(power, self.mel_banks.to(x.device).T)
         fbank = mel.clamp_min(torch.finfo(torch.float32).eps).log()  # (batch, frames, n_mels)
-        fbank = F.pad(fbank, (0, 0, 0, max(0, self.target_frames - fbank.shape[1])))[:, : self.target_frames]
+        fbank = F.pad(fbank, (0, 0, 0, max(0, self.target_frames - fbank.shape[1])))
         return ((fbank - self.norm_mean) / self.norm_std).transpose(1, 2).unsqueeze(1)
 
     def num_frames(self, num_samples: int) -> int:
-        return self.target_frames
+        natural = 1 + (num_samples - self.frame_length) // self.frame_shift if num_samples >= self.frame_length else 0
+        return max(self.target_frames, natural)
 
 
 FRONTENDS: dict[str, type[_Fp32Frontend]] = {

@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError, KdpipeError
 from pipeline.frontends import build_frontend
 from pipeline.manifests import ClassList, read_class_list
 from pipeline.models import create_model
-from pipeline.models.passt import windowed_forward
+from pipeline.models.windowing import clip_forward
 from pipeline.runner import Pipeline
 from pipeline.waveform_store import WaveformStore
 from stages import train_student, train_teacher
@@ -49,9 +49,7 @@ class Tagger:
     def logits(self, waveforms: torch.Tensor) -> torch.Tensor:
         """(batch, samples) float waveforms in [-1, 1] -> (batch, classes) fp32 logits on the CPU."""
         features = self.frontend(waveforms.to(self.device).float())
-        if features.shape[-1] > getattr(self.model, "max_frames", features.shape[-1]):
-            return windowed_forward(self.model, features).float().cpu()  # longer than a transformer takes
-        return self.model(features).float().cpu()
+        return clip_forward(self.model, features, getattr(self.model, "max_frames", None)).float().cpu()
 
 
 def load_tagger(pipeline: Pipeline, model: str = STUDENT, arch: str | None = None,

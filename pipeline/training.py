@@ -26,6 +26,7 @@ from pipeline.distributed import SINGLE, Ranks
 from pipeline.errors import KdpipeError
 from pipeline.loader import BatchLoader, sequential_batches, weighted_batches
 from pipeline.metrics import tagging_metrics
+from pipeline.models.windowing import clip_forward
 from pipeline.waveform_store import WaveformStore
 
 
@@ -80,7 +81,8 @@ def predict(model: nn.Module, frontend: nn.Module, loader: BatchLoader, rows: np
     outputs: np.ndarray | None = None
     position = {row: i for i, row in enumerate(rows.tolist())}
     for waves, batch_rows in console.track(loader(batches), len(batches), description):
-        logits = model(frontend(waves.to(device, non_blocking=True).float() / 32768.0)).float().cpu().numpy()
+        features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
+        logits = clip_forward(model, features, getattr(model, "max_frames", None)).float().cpu().numpy()
         if outputs is None:
             outputs = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
         outputs[[position[r] for r in batch_rows.tolist()]] = logits
@@ -150,7 +152,7 @@ class FitSettings:
 
 def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Optimizer, waves: torch.Tensor,
                rows: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn, mixup_alpha: float,
-               rng: np.random.Generator, bf16: bool) -> torch.Tensor:
+               rng: np.random.Generator, bf16: bool, max_frames: int | None = None) -> torch.Tensor:
     """One optimisation step on an int16 batch; returns the loss as a device tensor (no host sync).
 
     Features and mixup run on the model's device in fp32; the model runs under bf16 autocast
@@ -163,7 +165,7 @@ def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Opt
     if mixup is not None:
         features = mixup.mix(features)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(features)
+        logits = clip_forward(model, features, max_frames)  # windows for clips longer than the model takes
     loss = loss_fn(logits.float(), rows, labels[rows], mixup)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -183,6 +185,7 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
     eval_targets = store.column("labels")[eval_rows].astype(bool)
     members = tuple(getattr(model, "member_names", ()))
+    max_frames = getattr(model, "max_frames", None)  # read before wrapping: DDP and compile hide it
     # NHWC: the depthwise and 1x1 convolutions of CNNs run faster in it (mn10 training 1.3x on a CPU).
     model.to(device, memory_format=torch.channels_last)
     frontend.to(device)
@@ -211,7 +214,7 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         summed, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for waves, rows in console.track(loader(batches), len(batches), f"epoch {epoch + 1}/{settings.epochs}"):
             loss = train_step(stepped, frontend, optimizer, waves, rows, labels, loss_fn, settings.mixup_alpha,
-                              rng, bf16)
+                              rng, bf16, max_frames)
             summed += loss * len(rows)
             count += len(rows)
         schedule.step()

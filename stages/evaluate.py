@@ -27,6 +27,7 @@ from pipeline.extraction import Teacher, TeacherSpec
 from pipeline.frontends import build_frontend
 from pipeline.loader import BatchLoader
 from pipeline.models import load_checkpoint
+from pipeline.models.windowing import clip_forward
 from pipeline.runner import Pipeline
 from pipeline.stage import Stage, StageContext
 from pipeline.waveform_store import WaveformStore
@@ -118,7 +119,8 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
         result = evaluate.score(f"{model_id}_{member}" if member else model_id, named, "student",
                                 f"{arch}, {member}" if member else arch, targets, logits)
         result.footprint = evaluate.measure_footprint(
-            model, lambda waves: model(frontend(waves.to(device).float() / 32768.0)), config.data.clip_seconds,
+            model, lambda waves: clip_forward(model, frontend(waves.to(device).float() / 32768.0),
+                                              getattr(model, "max_frames", None)), config.data.clip_seconds,
             store.clip_samples, config.evaluation.batch_size, device)
         result.history = evaluate.read_history(folder / "metrics.jsonl", member)
         results.append(result)

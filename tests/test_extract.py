@@ -107,13 +107,13 @@ def test_dask_engine_runs_and_records_the_configured_precision(small_demo, tmp_p
     for precision in ("fp32", "bf16"):
         items = [*one_teacher, f"extract.precision={precision}"]
         local = Pipeline(build_stages(config := load_config(None, items)), config)
-        logits = zarr.open_group(local.ensure("extract/passt_tiny") / "logits.zarr", mode="r")["logits"]
-        expected, recorded = logits[:], logits.attrs["precision"]
+        group = zarr.open_group(local.ensure("extract/passt_tiny") / "logits.zarr", mode="r")
+        expected, recorded = group["logits"][:], group.attrs["precision"]
         items += ["extract.engine=dask", "extract.dask_workers=1"]
         dask = Pipeline(build_stages(config := load_config(None, items)), config)
-        logits = zarr.open_group(dask.ensure("extract/passt_tiny", force=True) / "logits.zarr", mode="r")["logits"]
-        np.testing.assert_array_equal(logits[:], expected)
-        assert recorded == logits.attrs["precision"] == precision and logits.attrs["device"] == "cpu"
+        group = zarr.open_group(dask.ensure("extract/passt_tiny", force=True) / "logits.zarr", mode="r")
+        np.testing.assert_array_equal(group["logits"][:], expected)
+        assert recorded == group.attrs["precision"] == precision and group.attrs["device"] == "cpu"
         results[precision] = expected
     assert not np.array_equal(results["fp32"], results["bf16"])
 

@@ -115,13 +115,17 @@ def test_fbank_equals_kaldi_fbank_with_ast_normalisation():
     torch.testing.assert_close(out[0, 0, :, 998:], torch.full((128, 26), 4.2677393 / 9.1379948))
 
 
-def test_fbank_pads_and_crops_to_target_frames():
+def test_fbank_pads_to_target_frames_and_never_crops():
     short, long = clips(1, 2.0, 16000), clips(1, 12.0, 16000)
-    assert FbankFrontend(target_frames=100)(short).shape == (1, 1, 128, 100)
-    cropped = FbankFrontend()(long)
-    assert cropped.shape == (1, 1, 128, 1024)
-    torch.testing.assert_close(cropped[0, 0], ast_reference(long[0]), rtol=0, atol=1e-4)
+    assert FbankFrontend(target_frames=100)(short).shape == (1, 1, 128, 198)
+    padded = FbankFrontend()(short)
+    assert padded.shape == (1, 1, 128, 1024)
+    torch.testing.assert_close(padded[0, 0], ast_reference(short[0]), rtol=0, atol=1e-4)
+    whole = FbankFrontend()(long)  # 12 s: 1198 frames, more than AST's 1024, all kept
+    assert whole.shape == (1, 1, 128, 1198)
+    torch.testing.assert_close(whole[0, 0], ast_reference(long[0], target_frames=1198), rtol=0, atol=1e-4)
     assert frames_for(10.0, {"kind": "fbank", "target_frames": 1056}) == 1056
+    assert frames_for(12.0, {"kind": "fbank", "target_frames": 1024}) == 1198
 
 
 def test_fbank_from_32k_store_resamples_on_device_like_the_store():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.models.ast import AST, AST_CONFIGS, infer_ast_config, strip_module_prefix
-from pipeline.models.passt import PASST_CONFIGS, PaSST, infer_passt_config, windowed_forward
+from pipeline.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
+from pipeline.models.windowing import windowed_forward
 
 
 def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -219,7 +220,7 @@ def test_passt_short_input_uses_the_first_time_embeddings(tiny_passt):
     x = torch.randn(1, 1, 128, 160)
     with torch.no_grad():
         torch.testing.assert_close(tiny_passt(x), short(x))
-        with pytest.raises(ValueError, match="windowed_forward"):
+        with pytest.raises(ValueError, match="windowing"):
             tiny_passt(torch.randn(1, 1, 128, tiny_passt.max_frames + 1))
         tiny_passt(torch.randn(1, 1, 128, tiny_passt.max_frames))
 

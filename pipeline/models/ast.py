@@ -90,7 +90,7 @@ class AST(nn.Module):
         """(B, 1, F, T) fbank -> logits (B, C), or (logits, embedding (B, E))."""
         if tuple(x.shape[-2:]) != (self.input_fdim, self.input_tdim):
             raise ValueError(f"AST expects (B, 1, {self.input_fdim}, {self.input_tdim}), got {tuple(x.shape)}; "
-                             "pad shorter inputs in the frontend, use windowed_forward for longer ones")
+                             "pad shorter inputs in the frontend; pipeline.models.windowing covers longer ones")
         v = self.v
         x = v.patch_embed(x).flatten(2).transpose(1, 2)  # frequency-major, as timm flattens (H=freq, W=time)
         tokens = torch.cat((v.cls_token, v.dist_token), dim=1).expand(x.shape[0], -1, -1)

@@ -1,12 +1,12 @@
 """PaSST teacher (Koutini et al., 2022) on timm `Block`s, state-dict compatible with the released `passt-s-*.pt`.
 
 Also holds the pieces the AST teacher shares with it (strided patch embedding,
-ViT blocks and init, windowed inference over long inputs).
+ViT blocks and init).
 
 Input: (batch, 1, 128 mel, frames) from PaSST's mel frontend (32 kHz, hop 320,
 (logmel + 4.5) / 5). Differences from the published code, all deliberate:
 inputs with more time patches than the time embedding raise instead of being
-cut (use `windowed_forward`); patchout always keeps at least one row/column.
+cut (pipeline.models.windowing covers long clips); patchout always keeps at least one row/column.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class PaSST(nn.Module):
             raise ValueError(f"input gives {f} frequency patches, the model has {f_grid}: wrong number of mel bins")
         if t > t_grid:
             raise ValueError(f"input of {t} time patches exceeds the model's {t_grid} ({self.max_frames} frames); "
-                             "use windowed_forward for long audio")
+                             "pipeline.models.windowing covers longer clips")
         # A shorter input uses a slice of the time embedding: a random one in training, the first at eval.
         offset = int(torch.randint(0, t_grid - t + 1, ())) if self.training else 0
         x = x + self.time_new_pos_embed[..., offset : offset + t] + self.freq_new_pos_embed
@@ -178,37 +178,3 @@ def infer_passt_config(state_dict: dict[str, torch.Tensor], input_fdim: int = 12
         "depth": depth,
         "num_heads": embed_dim // 64,
     }
-
-
-@torch.no_grad()
-def windowed_forward(
-    model: nn.Module,
-    x: torch.Tensor,
-    window_frames: int | None = None,
-    hop_frames: int | None = None,
-    pad: bool = True,
-    return_embedding: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Predictions for inputs longer than a model accepts: mean over windows (as hear21passt's scene embeddings).
-
-    `x` is (B, 1, F, T). Defaults: window = `model.max_frames`, hop = window / 4
-    (10 s windows, 2.5 s hop for PaSST). With `pad`, the input is reflect-padded
-    by half a window on both sides first, so edges are seen by as many windows as
-    the middle. A last window aligned to the end covers a tail the hop misses.
-    Inputs no longer than a window are passed through unchanged.
-    """
-    window = window_frames or model.max_frames
-    hop = hop_frames or window // 4
-    if x.shape[-1] <= window:
-        return model(x, return_embedding=return_embedding)
-    if pad:
-        x = nn.functional.pad(x, (window // 2, window // 2, 0, 0), mode="reflect")
-    length = x.shape[-1]
-    starts = list(range(0, length - window + 1, hop))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    # All windows of the batch in one forward pass: (windows * B, 1, F, window).
-    logits, embedding = model(torch.cat([x[..., s : s + window] for s in starts]), return_embedding=True)
-    logits = logits.view(len(starts), x.shape[0], -1).mean(0)
-    embedding = embedding.view(len(starts), x.shape[0], -1).mean(0)
-    return (logits, embedding) if return_embedding else logits
