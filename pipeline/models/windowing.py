@@ -87,7 +87,12 @@ def coverage(model: nn.Module, frontend_config: dict[str, Any], clip_seconds: fl
 
 
 def coverage_notes(config: Config) -> list[str]:
-    """For `kdpipe status` and `config show`: each model of the run whose input is shorter than a clip."""
+    """For `kdpipe status` and `config show`: each model of the run whose input is shorter than a clip.
+
+    Sizing a frontend needs torchaudio; where it cannot load, there are no notes (the commands
+    that compute features say why), so these two commands keep answering.
+    """
+    from pipeline import torch_stack
     from pipeline.models import create_model
 
     entries = [(f"teacher {t.label}", t.arch, dict(t.options), dict(t.frontend)) for t in config.teachers if t.arch]
@@ -96,7 +101,12 @@ def coverage_notes(config: Config) -> list[str]:
     for label, arch, options, frontend in entries:
         with torch.device("meta"):
             model = create_model(arch, **options)
-        note = coverage(model, {**model.frontend_config, **frontend}, config.data.clip_seconds)
+        try:
+            note = coverage(model, {**model.frontend_config, **frontend}, config.data.clip_seconds)
+        except (ImportError, OSError, RuntimeError) as exc:
+            if torch_stack.broken_member(exc) is None:
+                raise
+            return []
         if note:
             notes.append(f"{label}: {note}")
     return notes
