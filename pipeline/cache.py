@@ -27,6 +27,7 @@ from pipeline import atomic, console
 from pipeline.errors import LockBusy
 
 RECORD = "record.json"
+RECORD_FIELDS = ("stage", "key", "components", "finished", "outputs")
 LATEST = "latest"
 
 
@@ -38,11 +39,27 @@ class StageCache:
         return self.root / stage / key
 
     def record(self, stage: str, key: str) -> dict[str, Any] | None:
-        """The commit record of a finished build, or None if there is none."""
+        """The commit record of a finished build, or None if there is none.
+
+        A record that does not parse, or lacks its fields, means "not built": the entry is
+        rebuilt (with a warning), never taken as fresh and never a crash.
+        """
+        path = self.entry_dir(stage, key) / RECORD
         try:
-            return json.loads((self.entry_dir(stage, key) / RECORD).read_text())
+            record = json.loads(path.read_text())
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            console.warn(f"{path} is unreadable ({exc}); treating {stage} ({key}) as not built")
+            return None
+        missing = [field for field in RECORD_FIELDS if not isinstance(record, dict) or field not in record]
+        if missing:
+            console.warn(f"{path} lacks {', '.join(missing)}; treating {stage} ({key}) as not built")
+            return None
+        if record["stage"] != stage or record["key"] != key:
+            console.warn(f"{path} records {record['stage']} ({record['key']}); treating {stage} ({key}) as not built")
+            return None
+        return record
 
     def latest_record(self, stage: str) -> dict[str, Any] | None:
         try:
@@ -84,6 +101,33 @@ class StageCache:
             finally:
                 handle.seek(0)
                 handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def reading(self, stage: str, key: str) -> Iterator[None]:
+        """A shared lock on an entry a build reads: `cache gc` (which needs it exclusively) leaves it alone."""
+        path = self.root / stage / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def claim(self, entry: CacheEntry) -> Iterator[str | None]:
+        """Hold an entry exclusively if nobody builds or reads it: yields None then, else who holds it."""
+        path = entry.path.parent / f"{entry.key}.lock"
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield path.read_text().strip() or "a build reading it"
+                return
+            try:
+                yield None
+            finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def entries(self) -> list[CacheEntry]:

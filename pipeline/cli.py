@@ -264,8 +264,7 @@ def export_logits(
     teacher: Annotated[str | None, typer.Option(help="One teacher instead of the ensemble.")] = None,
 ) -> None:
     """Write the ensemble's (or one teacher's) logits the way EfficientAT's training code reads them."""
-    import zarr
-
+    from pipeline import logits_store
     from pipeline.interop import export_logits as write
     from pipeline.waveform_store import WaveformStore
     from stages.extract_teachers import NAME
@@ -275,7 +274,7 @@ def export_logits(
     pipeline = make_pipeline(resolve_config(config, set_))
     if NAME not in pipeline.stages:
         raise KdpipeError("teachers is empty: nothing to export")
-    combined = zarr.open_group(pipeline.ensure(NAME) / "teachers.zarr", mode="r")
+    combined = logits_store.open_combined(pipeline.ensure(NAME) / "teachers.zarr")
     array = "ensemble/logits" if teacher is None else f"teachers/{teacher}/logits"
     if array not in combined:
         raise KdpipeError(f"no teacher named {teacher!r}; teachers: {', '.join(combined['teachers'].group_keys())}")
@@ -398,11 +397,45 @@ def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption 
 
 @app.command()
 @user_errors
-def status(config: ConfigOption = None, set_: SetOption = None) -> None:
+def verify(
+    stage: Annotated[str | None, typer.Argument(help="One stage; default: every stage of the config.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report damage without marking it.")] = False,
+) -> None:
+    """Check committed outputs against their checksums and digests; mark damaged ones for rebuilding."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    _print_verdicts(pipeline.verify([stage] if stage else None, mark=not dry_run))
+
+
+def _print_verdicts(verdicts: list) -> None:
+    table = Table("stage", "key", "result", "problems")
+    damaged = 0
+    for verdict in verdicts:
+        damaged += bool(verdict.problems)
+        colour = "red" if verdict.problems else "green" if verdict.action == "ok" else "yellow"
+        table.add_row(verdict.stage, verdict.key, f"[{colour}]{verdict.action}[/]", "; ".join(verdict.problems[:5])
+                      + (f"; and {len(verdict.problems) - 5} more" if len(verdict.problems) > 5 else ""))
+    console.out.print(table)
+    checked = sum(v.bytes_checked for v in verdicts)
+    seconds = sum(v.seconds for v in verdicts)
+    console.info(f"verified {_human_bytes(checked)} in {seconds:.1f} s"
+                 + (f" ({seconds / (checked / 1e9):.1f} s per GB)" if checked else ""))
+    if damaged:
+        console.info(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}: `kdpipe run` rebuilds what is damaged")
+
+
+@app.command()
+@user_errors
+def status(config: ConfigOption = None, set_: SetOption = None,
+           verify_: Annotated[bool, typer.Option("--verify", help="Also verify committed outputs "
+                                                 "(as `kdpipe verify`) before reporting.")] = False) -> None:
     """One row per stage: fresh, stale (and what changed) or missing; then how clips reach each model."""
     from pipeline.models.windowing import coverage_notes
 
     pipeline = make_pipeline(resolve_config(config, set_))
+    if verify_:
+        _print_verdicts(pipeline.verify())
     table = Table("stage", "state", "key", "why")
     colours = {"fresh": "green", "stale": "yellow", "missing": "red"}
     for name in pipeline.stages:
@@ -523,14 +556,19 @@ def cache_gc(
     pipeline = make_pipeline(resolve_config(config, set_))
     referenced = referenced_entries(pipeline.config)
     stale = [e for e in pipeline.cache.entries() if (e.stage, e.key) not in referenced]
-    freed = 0
+    freed, removed = 0, 0
     for entry in stale:
-        size = entry.size_bytes()
-        freed += size
-        console.out.print(f"{'would remove' if dry_run else 'removed'} {entry.stage}/{entry.key} ({_human_bytes(size)})")
-        if not dry_run:
-            pipeline.cache.remove(entry)
-    console.info(f"{len(stale)} entr{'y' if len(stale) == 1 else 'ies'}, {_human_bytes(freed)}"
+        with pipeline.cache.claim(entry) as holder:
+            if holder is not None:  # being built, or read by a build: never removed
+                console.out.print(f"skipped {entry.stage}/{entry.key}: in use ({holder})")
+                continue
+            size = entry.size_bytes()
+            freed, removed = freed + size, removed + 1
+            console.out.print(f"{'would remove' if dry_run else 'removed'} {entry.stage}/{entry.key} "
+                              f"({_human_bytes(size)})")
+            if not dry_run:
+                pipeline.cache.remove(entry)
+    console.info(f"{removed} entr{'y' if removed == 1 else 'ies'}, {_human_bytes(freed)}"
                  f"{' would be' if dry_run else ''} freed")
 
 

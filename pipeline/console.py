@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
@@ -28,6 +29,11 @@ def set_verbosity(level: int) -> None:
 def info(message: str) -> None:
     if _verbosity >= 1:
         err.print(message)
+
+
+def warn(message: str) -> None:
+    """Shown even under --quiet: something was wrong and kdpipe recovered."""
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False)
 
 
 def debug(message: str) -> None:

@@ -16,12 +16,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from distributed import Client, LocalCluster, Nanny, SpecCluster, Scheduler, WorkerPlugin, as_completed, get_worker
+from distributed import (Client, LocalCluster, Nanny, NannyPlugin, Scheduler, SpecCluster, WorkerPlugin, as_completed,
+                         get_worker)
 
 from pipeline import console
 from pipeline.extraction import Teacher, TeacherSpec, run_chunk
 from pipeline.logits_store import TeacherLogits
+from pipeline.processes import die_with_parent
 from pipeline.waveform_store import WaveformStore
+
+
+class NannyDiesWithParent(NannyPlugin):
+    """A local cluster's nannies die with kdpipe (pipeline.processes)..."""
+
+    name = "kdpipe-nanny-dies-with-parent"
+
+    def setup(self, nanny) -> None:
+        die_with_parent(os.getppid())
+
+
+class WorkerDiesWithParent(WorkerPlugin):
+    """... and their workers with the nannies."""
+
+    name = "kdpipe-worker-dies-with-parent"
+
+    def setup(self, worker) -> None:
+        die_with_parent(os.getppid())
 
 
 class TeacherPlugin(WorkerPlugin):
@@ -71,6 +91,8 @@ def connect(scheduler: str | None, n_workers: int) -> Iterator[Client]:
         cluster = LocalCluster(n_workers=n_workers or min(2, os.cpu_count() or 1), threads_per_worker=1,
                                processes=True, dashboard_address=None)
     with cluster, Client(cluster) as client:
+        client.register_plugin(NannyDiesWithParent())
+        client.register_plugin(WorkerDiesWithParent())
         yield client
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.processes import loader_worker_dies_with_parent
 from pipeline.waveform_store import WaveformStore
 
 
@@ -60,7 +61,7 @@ class BatchLoader:
     def __init__(self, store_path: Path, *, num_workers: int = 0, pin_memory: bool = False):
         self._sampler = _BatchList()
         workers = dict(num_workers=num_workers, multiprocessing_context="spawn", prefetch_factor=4,
-                       persistent_workers=True) if num_workers > 0 else {}
+                       persistent_workers=True, worker_init_fn=loader_worker_dies_with_parent) if num_workers > 0 else {}
         self._loader = DataLoader(StoreRows(store_path), batch_size=None, sampler=self._sampler,
                                   pin_memory=pin_memory, **workers)
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
+from pipeline.errors import KdpipeError
+from pipeline.integrity import array_settings, check_written, read_rows
 from pipeline.zarr_groups import create_done_flags, open_group
 
 TEACHER_FORMAT = "kdpipe.teacher-logits/1"
@@ -29,8 +30,9 @@ COMBINED_FORMAT = "kdpipe.teachers/1"
 class TeacherLogits:
     """One teacher's logits for every clip of the waveform store, written chunk by chunk."""
 
-    def __init__(self, group: zarr.Group):
+    def __init__(self, group: zarr.Group, path: Path):
         self.group = group
+        self.path = path
         self.logits: zarr.Array = group["logits"]
         self.chunk_clips: int = self.logits.chunks[0]
 
@@ -38,15 +40,24 @@ class TeacherLogits:
     def create(cls, path: Path, n_clips: int, n_classes: int, chunk_clips: int, dtype: str,
                attributes: dict[str, Any]) -> TeacherLogits:
         chunk_clips = max(1, min(chunk_clips, n_clips))
-        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT, **attributes})
+        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT, "unit_arrays": ["logits"],
+                                                             **attributes})
         group.create_array("logits", shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk_clips, n_classes),
-                           fill_value=np.nan, compressors=ZstdCodec(level=3), dimension_names=("clip", "class"))
+                           fill_value=np.nan, dimension_names=("clip", "class"), **array_settings())
         create_done_flags(group, -(-n_clips // chunk_clips))
-        return cls(group)
+        return cls(group, path)
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> TeacherLogits:
-        return cls(open_group(path, mode, TEACHER_FORMAT))
+        """Open for reading (refusing missing chunks) or, with mode "r+", for resuming an extraction."""
+        group = open_group(path, mode, TEACHER_FORMAT)
+        if mode == "r":
+            check_written(path)
+        return cls(group, path)
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start:stop (all by default), checksum-verified."""
+        return read_rows(self.logits, self.path, start, stop)
 
     @property
     def n_chunks(self) -> int:
@@ -69,24 +80,47 @@ class TeacherLogits:
 
 
 def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, TeacherLogits], weights: dict[str, float],
-                   ensemble: str, dtype: str, attributes: dict[str, Any]) -> None:
-    """Copy each teacher's logits and add their weighted ensemble (mean of logits or of probabilities)."""
+                   ensemble: str, dtype: str, attributes: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    """Copy each teacher's logits and add their weighted ensemble (mean of logits or of probabilities).
+
+    `expected[name]` marks the rows that must have that teacher's logits (decoded clips; for imported
+    logits, none): a NaN there is an error, never "no teacher", so a lost chunk cannot turn into
+    clips without a KD target.
+    """
+    store_paths = {name: store.path for name, store in teachers.items()}
     first = next(iter(teachers.values())).logits
     n_clips, n_classes = first.shape
     chunk = first.chunks[0]
     group = zarr.open_group(path, mode="w", attributes={"format": COMBINED_FORMAT, **attributes})
-    group.create_array("clip_id", shape=(n_clips,), dtype=str, chunks=(chunk,))[:] = clip_ids
+    group.create_array("clip_id", shape=(n_clips,), dtype=str, chunks=(chunk,), **array_settings())[:] = clip_ids
     spec = dict(shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk, n_classes), fill_value=np.nan,
-                compressors=ZstdCodec(level=3), dimension_names=("clip", "class"))
+                dimension_names=("clip", "class"), **array_settings())
     copies = {name: group.create_array(f"teachers/{name}/logits", attributes=dict(store.group.attrs), **spec)
               for name, store in teachers.items()}
     mean = group.create_array("ensemble/logits", attributes={"weights": weights, "mode": ensemble}, **spec)
     total = sum(weights.values())
     for start in range(0, n_clips, chunk):
-        block = {name: store.logits[start:start + chunk].astype(np.float32) for name, store in teachers.items()}
+        block = {name: store.read(start, start + chunk).astype(np.float32) for name, store in teachers.items()}
         for name, values in block.items():
+            missing = np.flatnonzero(expected[name][start:start + chunk] & ~np.isfinite(values).all(axis=1))
+            if len(missing):
+                raise KdpipeError(f"{store_paths[name]}: rows {', '.join(str(start + r) for r in missing[:5])} "
+                                  f"should have teacher {name}'s logits and do not; run `kdpipe verify` and "
+                                  "`kdpipe run` to rebuild them")
             copies[name][start:start + chunk] = values
         mean[start:start + chunk] = ensemble_of(block, weights, ensemble, total)
+
+
+def open_combined(path: Path) -> zarr.Group:
+    """A finished `teachers.zarr` for reading: its format checked and no chunk file missing."""
+    group = open_group(path, "r", COMBINED_FORMAT)
+    check_written(path)
+    return group
+
+
+def read_combined(path: Path, array: str) -> np.ndarray:
+    """One whole array of a `teachers.zarr` ("ensemble/logits", "teachers/<name>/logits"), checksum-verified."""
+    return read_rows(open_combined(path)[array], path)
 
 
 def ensemble_of(block: dict[str, np.ndarray], weights: dict[str, float], mode: str, total: float) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pipeline.config import Config
 from pipeline.errors import KdpipeError
 from pipeline.fingerprint import FingerprintDB
 from pipeline.stage import KeyComponents, Stage, StageContext, explain_change, key_components
+from pipeline.verify import Verdict, output_digests, verify_entry
 
 State = Literal["fresh", "stale", "missing"]
 
@@ -82,7 +84,9 @@ class Pipeline:
             return out_dir
         for reason in self.status(name).reasons:  # --verbose: why this stage is being built
             console.debug(f"{name}: {reason}")
-        with self.cache.lock(name, key, wait=wait):
+        with self.cache.lock(name, key, wait=wait), contextlib.ExitStack() as reading:
+            for up in stage.upstream:  # held while this stage reads them: `cache gc` skips them
+                reading.enter_context(self.cache.reading(up, self.key(up)))
             if not force and self.cache.record(name, key) is not None:  # built while we waited
                 console.info(f"[green]{name}[/green]: cached ({key}), built by another process")
                 return out_dir
@@ -102,6 +106,7 @@ class Pipeline:
                 "seconds": round(finished - started, 3),
                 "versions": environment_versions(),
                 "outputs": list(stage.outputs),
+                "digests": output_digests(out_dir, stage.outputs),
                 "summary": summary,
             })
         console.info(f"[green]{name}[/green]: done in {finished - started:.1f} s ({key})")
@@ -118,6 +123,11 @@ class Pipeline:
         else:
             console.info(f"{stage.name}: building ({out_dir.name})")
         out_dir.mkdir(parents=True, exist_ok=True)
+
+    def verify(self, names: list[str] | None = None, *, mark: bool = True) -> list[Verdict]:
+        """Check the committed entries of `names` (default: every stage) against their checksums and digests;
+        with `mark`, damaged ones are uncommitted so the next run rebuilds what is damaged."""
+        return [verify_entry(self.cache, name, self.key(name), mark=mark) for name in names or list(self.stages)]
 
     def referenced_keys(self) -> dict[str, str]:
         """The key of every stage under the current config: what `cache gc` keeps."""

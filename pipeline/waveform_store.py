@@ -10,7 +10,9 @@ Layout of `waveforms.zarr` (one row per manifest clip, in manifest order):
   done     (shards,) bool       shards completely written: the unit of resume
 Attributes: sample_rate, clip_samples, shard_clips, class mids and names.
 
-Zarr has no locks, so each shard is written by exactly one process.
+Zarr has no locks, so each shard is written by exactly one process. Every array is
+verifiable (pipeline.integrity): opened for reading, a store with a missing chunk file
+where data was written is refused; a chunk that fails its checksum fails the read.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
-from pipeline.zarr_groups import create_done_flags, open_group
-
+from pipeline.integrity import array_settings, check_written, read_rows
 from pipeline.manifests import ClassList
+from pipeline.zarr_groups import create_done_flags, open_group
 
 FORMAT = "kdpipe.waveforms/1"
 OK = "ok"
 
 
 class WaveformStore:
-    def __init__(self, group: zarr.Group):
+    UNIT_ARRAYS = ("waveform", "status", "message")  # written shard by shard; the rest at creation
+
+    def __init__(self, group: zarr.Group, path: Path):
         self.group = group
+        self.path = path
         attrs = group.attrs
         self.sample_rate: int = attrs["sample_rate"]
         self.clip_samples: int = attrs["clip_samples"]
@@ -65,26 +69,31 @@ class WaveformStore:
             "shard_clips": shard_clips,
             "class_mids": list(classes.mids),
             "class_names": list(classes.names),
+            "unit_arrays": list(cls.UNIT_ARRAYS),
             **(attributes or {}),
         })
         group.create_array(
             "waveform", shape=(n, clip_samples), dtype="int16", chunks=(1, clip_samples),
             shards=(shard_clips, clip_samples), fill_value=0, dimension_names=("clip", "sample"),
-            compressors=ZstdCodec(level=3) if compression == "zstd" else None,
+            **array_settings(compress=compression == "zstd"),
         )
-        per_clip = {"chunks": (shard_clips,), "dimension_names": ("clip",)}
+        per_clip = {"chunks": (shard_clips,), "dimension_names": ("clip",), **array_settings()}
         group.create_array("labels", shape=(n, len(classes)), dtype="uint8", chunks=(shard_clips, len(classes)),
-                           fill_value=0, dimension_names=("clip", "class"))[:] = labels
+                           fill_value=0, dimension_names=("clip", "class"), **array_settings())[:] = labels
         group.create_array("clip_id", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(clip_ids)
         group.create_array("split", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(splits)
         group.create_array("status", shape=(n,), dtype=str, **per_clip)
         group.create_array("message", shape=(n,), dtype=str, **per_clip)
         create_done_flags(group, -(-n // shard_clips))
-        return cls(group)
+        return cls(group, path)
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> WaveformStore:
-        return cls(open_group(path, mode, FORMAT))
+        """Open for reading (refusing missing chunks) or, with mode "r+", for resuming a build."""
+        group = open_group(path, mode, FORMAT)
+        if mode == "r":
+            check_written(path)
+        return cls(group, path)
 
     # ------------------------------------------------------------- layout
     @property
@@ -117,7 +126,7 @@ class WaveformStore:
     # ------------------------------------------------------------ reading
     def column(self, name: str) -> np.ndarray:
         """A whole per-clip array: clip_id, split, labels, status or message."""
-        return self.group[name][:]
+        return read_rows(self.group[name], self.path)
 
     def rows(self, split: str | None = None) -> np.ndarray:
         """Indices of the decoded (status ok) clips, optionally of one split."""
@@ -139,5 +148,6 @@ class WaveformStore:
         runs = zip(np.r_[0, breaks], np.r_[breaks, len(ranked)])
         out = np.empty((len(rows), self.clip_samples), dtype=np.int16)
         if len(rows):
-            out[order] = np.concatenate([self.waveform[ranked[a]:ranked[b - 1] + 1] for a, b in runs])
+            out[order] = np.concatenate([read_rows(self.waveform, self.path, int(ranked[a]), int(ranked[b - 1]) + 1)
+                                         for a, b in runs])
         return out

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import zarr
 
+from pipeline.integrity import array_settings
+
 
 def open_group(path: Path, mode: str, expected_format: str) -> zarr.Group:
     """Open a kdpipe store, refusing a folder that holds something else."""
@@ -17,4 +19,4 @@ def open_group(path: Path, mode: str, expected_format: str) -> zarr.Group:
 
 def create_done_flags(group: zarr.Group, units: int) -> None:
     """`done`: one flag per unit of writing (shard or chunk), set only after the unit's data is written."""
-    group.create_array("done", shape=(units,), dtype=bool, chunks=(units,), fill_value=False)
+    group.create_array("done", shape=(units,), dtype=bool, chunks=(units,), fill_value=False, **array_settings())

@@ -16,10 +16,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import zarr
 from torch import nn
 
-from pipeline import bench, console, devices, evaluate, metrics, report, training
+from pipeline import bench, console, devices, evaluate, logits_store, metrics, report, training
 from pipeline.config import Config, to_plain
 from pipeline.errors import KdpipeError
 from pipeline.evaluate import Evaluation, ModelResult
@@ -69,7 +68,7 @@ def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, t
                     device: torch.device) -> list[ModelResult]:
     """Each teacher and the ensemble from their stored logits; sizes and speeds of the teachers' models."""
     config = ctx.config
-    combined = zarr.open_group(ctx.upstream[EXTRACT] / "teachers.zarr", mode="r")
+    combined = logits_store.open_combined(ctx.upstream[EXTRACT] / "teachers.zarr")
     results = []
     for teacher in console.track(config.teachers, len(config.teachers), "scoring teachers"):
         array = combined[f"teachers/{teacher.label}/logits"]

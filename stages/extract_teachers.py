@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
-from pipeline import console, dask_engine, extraction, frontends, interop, logits_store
+from pipeline import console, dask_engine, extraction, frontends, integrity, interop, logits_store
 from pipeline.models import ast, create_model, mobilenet, passt
 from pipeline.config import Config, TeacherConfig
 from pipeline.errors import KdpipeError
@@ -92,7 +91,8 @@ def run_teacher(teacher: TeacherConfig):
         n_out = _output_classes(loaded, store)
         probe = (str(device), loaded.precision)  # what this process runs; dask workers report their own
         path = ctx.out_dir / "logits.zarr"
-        logits = (TeacherLogits.open(path, mode="r+") if path.exists() else TeacherLogits.create(
+        resume = path.exists() and integrity.ready_to_resume(path)
+        logits = (TeacherLogits.open(path, mode="r+") if resume else TeacherLogits.create(
             path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label}))
         todo = [chunk for chunk, done in enumerate(logits.done_chunks()) if not done]
         if len(todo) < logits.n_chunks:
@@ -107,7 +107,7 @@ def run_teacher(teacher: TeacherConfig):
         ran = ran or {probe}  # nothing was left to compute
         computed = int(sum((store.column("status") == "ok")[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()
                            for c in todo))
-        metrics = eval_metrics(logits.logits[:], store, config.evaluation.split)
+        metrics = eval_metrics(logits.read(), store, config.evaluation.split)
         attributes = {
             "teacher": teacher.label, "arch": teacher.arch, "checkpoint": str(checkpoint),
             "checkpoint_sha256": sha256_file(checkpoint), "frontend": {**loaded_frontend(spec)},
@@ -166,9 +166,11 @@ def run_ensemble(ctx: StageContext) -> dict[str, Any]:
     if sum(weights.values()) <= 0:
         raise KdpipeError("teachers.*.weight: at least one teacher needs a positive weight")
     path = ctx.out_dir / "teachers.zarr"
+    decoded = store.column("status") == "ok"
+    expected = {name: decoded & ("imported_from" not in logits.group.attrs) for name, logits in teachers.items()}
     logits_store.write_combined(path, store.column("clip_id"), teachers, weights, config.extract.ensemble,
-                                config.extract.dtype, {"n_classes": len(store.classes)})
-    combined = zarr.open_group(path, mode="r")
+                                config.extract.dtype, {"n_classes": len(store.classes)}, expected)
+    combined = logits_store.open_combined(path)
     split = config.evaluation.split
     summary = {name: eval_metrics(combined[f"teachers/{name}/logits"][:], store, split) for name in teachers}
     summary["ensemble"] = eval_metrics(combined["ensemble/logits"][:], store, split)

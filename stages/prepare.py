@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import audio_io, console, frontends, hdf5_source, manifests, waveform_store
+from pipeline import audio_io, console, frontends, hdf5_source, integrity, manifests, processes, waveform_store
 from pipeline.audio_io import AudioError
 from pipeline.config import Config, PrepareConfig
 from pipeline.errors import KdpipeError
@@ -122,7 +122,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def _open_or_create(ctx: StageContext, clips: list[Clip], labels: np.ndarray, classes: ClassList) -> WaveformStore:
     path = ctx.out_dir / "waveforms.zarr"
-    if path.exists():
+    if path.exists() and integrity.ready_to_resume(path):
         store = WaveformStore.open(path, mode="r+")
         if store.n_clips == len(clips):
             return store
@@ -157,7 +157,8 @@ def _map(function, jobs, workers: int):
     if workers == 1:
         yield from map(function, jobs)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=processes.die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(function, job) for job in jobs]
         try:
             for future in as_completed(futures):

@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 
-from pipeline import atomic, collaborative, devices, distributed, frontends, loader, models, training
+from pipeline import atomic, collaborative, devices, distributed, frontends, loader, logits_store, models, training
 from pipeline.config import UNKEYED_TRAINING, Config, StudentConfig
 from pipeline.errors import KdpipeError
 from pipeline.models import create_model, mobilenet
@@ -76,7 +75,7 @@ def kd_loss(targets: torch.Tensor, has_target: torch.Tensor, label_weight: float
 def teacher_targets(ctx: StageContext, n_clips: int, temperature: float,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """sigmoid(ensemble / T) for every store row, on the device, and which rows have a teacher."""
-    logits = zarr.open_group(ctx.upstream[EXTRACT] / "teachers.zarr", mode="r")["ensemble/logits"][:]
+    logits = logits_store.read_combined(ctx.upstream[EXTRACT] / "teachers.zarr", "ensemble/logits")
     if logits.shape[0] != n_clips:
         raise KdpipeError(f"teacher logits have {logits.shape[0]} rows, the store {n_clips}")
     logits = logits.astype(np.float32)

@@ -1,0 +1,157 @@
+"""Every array kdpipe writes can be verified, and damage fails loudly instead of reading as fill values.
+
+- Each chunk ends with a crc32c checksum (zarr's Crc32cCodec, the last codec of every array we
+  create): a chunk whose bytes changed fails to decode.
+- Every chunk is written even when it holds only the fill value (`write_empty_chunks`), so a chunk
+  file missing where data was written is damage, never "all zeros" or "all NaN".
+- Stores written unit by unit (waveform shards, logits chunks) name their unit-written arrays in
+  the `unit_arrays` attribute; a unit counts as written once its `done` flag is set. Their other
+  arrays, and every array of a store without units, are written whole when the store is made.
+
+`find_damage` lists what is missing or does not decode; `repair` clears the `done` flags of the
+damaged units, so the resumable stage that wrote them rebuilds those units and nothing else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from pipeline.errors import KdpipeError
+
+DONE = "done"
+
+# Not a per-array setting in Zarr 3 (an array reopened later would forget it): every kdpipe
+# process writes all chunks, so "no file" can only mean "never written" or "lost".
+zarr.config.set({"array.write_empty_chunks": True})
+
+
+def array_settings(compress: bool = True) -> dict[str, Any]:
+    """`create_array` keywords that make an array verifiable: crc32c last in its codec chain."""
+    codecs = [ZstdCodec(level=3), Crc32cCodec()] if compress else [Crc32cCodec()]
+    return {"compressors": codecs}
+
+
+@dataclass(frozen=True)
+class Damage:
+    store: Path
+    array: str
+    start: int  # first row
+    stop: int  # one past the last row
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.store}: {self.array} rows {self.start}-{self.stop - 1} {self.reason}"
+
+
+class DamagedStore(KdpipeError):
+    """A store kdpipe wrote has missing or corrupt chunks."""
+
+    def __init__(self, damage: list[Damage] | str):
+        if isinstance(damage, str):  # re-raised from a loader worker: keep the worker's own message
+            lines = [line for line in damage.splitlines() if "DamagedStore: " in line]
+            super().__init__(lines[-1].split("DamagedStore: ", 1)[1] if lines else damage)
+            self.damage: list[Damage] = []
+            return
+        shown = "; ".join(str(d) for d in damage[:3]) + (f"; and {len(damage) - 3} more" if len(damage) > 3 else "")
+        super().__init__(f"damaged data: {shown}. Run `kdpipe verify` to mark it, then `kdpipe run` to rebuild "
+                         "only the damaged parts")
+        self.damage = damage
+
+
+def _arrays(group: zarr.Group) -> list[tuple[str, zarr.Array]]:
+    return sorted((name, member) for name, member in group.members(max_depth=None) if isinstance(member, zarr.Array))
+
+
+def _row_unit(array: zarr.Array) -> int:
+    """Rows per chunk file: a shard when the array is sharded."""
+    return (array.shards or array.chunks)[0]
+
+
+def _chunk_files(root: Path, name: str, array: zarr.Array, unit: int) -> list[Path]:
+    """The chunk (or shard) files of one row unit, in zarr 3's default key encoding (c/i/j...)."""
+    grid = [range(math.ceil(size / chunk)) for size, chunk in zip(array.shape[1:], (array.shards or array.chunks)[1:])]
+    return [root / name / "c" / "/".join(map(str, (unit, *rest))) for rest in itertools.product(*grid)]
+
+
+def written_units(group: zarr.Group, name: str) -> np.ndarray:
+    """Which row units of array `name` hold written data."""
+    array = group[name]
+    units = math.ceil(array.shape[0] / _row_unit(array))
+    if name in group.attrs.get("unit_arrays", ()):
+        return np.asarray(group[DONE][:], dtype=bool)[:units]
+    return np.ones(units, dtype=bool)
+
+
+def find_damage(path: Path, decode: bool = True) -> list[Damage]:
+    """Missing chunk files where data was written, and (with `decode`) chunks failing their checksum."""
+    group = zarr.open_group(path, mode="r")
+    found: list[Damage] = []
+    arrays = _arrays(group)
+    if DONE in dict(arrays):  # the flags come first: every other array's units are read off them
+        arrays = [(DONE, group[DONE])] + [(n, a) for n, a in arrays if n != DONE]
+    for name, array in arrays:
+        unit = _row_unit(array)
+        try:
+            written = written_units(group, name)
+        except Exception as exc:  # noqa: BLE001 - the flags themselves are damaged
+            found.append(Damage(path, DONE, 0, group[DONE].shape[0], f"do not decode ({exc})"))
+            written = np.ones(math.ceil(array.shape[0] / unit), dtype=bool)
+        for index in np.flatnonzero(written):
+            start, stop = int(index) * unit, min((int(index) + 1) * unit, array.shape[0])
+            if not all(file.is_file() for file in _chunk_files(path, name, array, int(index))):
+                found.append(Damage(path, name, start, stop, "are missing"))
+            elif decode:
+                try:
+                    array[start:stop]
+                except Exception as exc:  # noqa: BLE001 - any decode failure is damage to report
+                    found.append(Damage(path, name, start, stop, f"do not decode ({exc})"))
+    return found
+
+
+def check_written(path: Path) -> None:
+    """Raise DamagedStore if a chunk file is missing where data was written (a listing, not a read)."""
+    damage = find_damage(path, decode=False)
+    if damage:
+        raise DamagedStore(damage)
+
+
+def repair(path: Path, damage: list[Damage]) -> bool:
+    """Clear the done flags of damaged units; False when the damage is not confined to such units."""
+    group = zarr.open_group(path, mode="r+")
+    unit_arrays = set(group.attrs.get("unit_arrays", ()))
+    if any(d.array not in unit_arrays for d in damage):
+        return False
+    flags = np.asarray(group[DONE][:], dtype=bool)
+    for d in damage:
+        unit = _row_unit(group[d.array])
+        flags[d.start // unit] = False
+    group[DONE][:] = flags
+    return True
+
+
+def read_rows(array: zarr.Array, store: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """`array[start:stop]`, with a chunk that fails its checksum reported as damage of `store`."""
+    stop = array.shape[0] if stop is None else stop
+    try:
+        return array[start:stop]
+    except ValueError as exc:
+        if "checksum" not in str(exc).lower():
+            raise
+        raise DamagedStore([Damage(store, array.path, start, stop, "fail their checksum")]) from None
+
+
+def ready_to_resume(path: Path) -> bool:
+    """Before a build resumes in `path`: clear the done flags of units with missing chunk files.
+
+    False when the damage lies outside the unit-written arrays: the store must be made anew.
+    """
+    damage = find_damage(path, decode=False)
+    return not damage or repair(path, damage)

@@ -1,0 +1,167 @@
+"""Damaged data is found and named, only the damaged part is rebuilt, and nothing in use is deleted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+from pipeline.errors import KdpipeError
+from pipeline.integrity import DamagedStore, find_damage
+from pipeline.logits_store import TeacherLogits, write_combined
+from pipeline.runner import Pipeline
+from pipeline.waveform_store import WaveformStore
+from stages import build_stages
+
+runner = CliRunner()
+
+
+def settings(small_demo, cache: Path, *extra: str) -> list[str]:
+    return [f"cache_dir={cache}", f"data.sources.0.path={small_demo.manifest}",
+            f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0", "prepare.workers=1",
+            "prepare.shard_clips=4", "teachers.0.arch=mn_tiny", "teacher_training.epochs=1",
+            "teacher_training.batch_size=4", "teacher_training.num_workers=0", "extract.num_workers=0",
+            "extract.chunk_clips=8", "student.arch=mobilenetv3", "student.width=0.2", "student.epochs=1",
+            "student.epoch_samples=8", "student.batch_size=4", "student.num_workers=0", *extra]
+
+
+def make(small_demo, cache: Path, *extra: str) -> Pipeline:
+    config = load_config(None, settings(small_demo, cache, *extra))
+    return Pipeline(build_stages(config), config)
+
+
+def flip_bytes(path: Path, offset: int = 200, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, min(offset + count, len(data))):
+        data[i] ^= 0xA5
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path)
+    store_path = pipeline.ensure("prepare") / "waveforms.zarr"
+    original = WaveformStore.open(store_path).read(np.arange(24))
+    shard_files = sorted((store_path / "waveform" / "c").rglob("*"))
+    shard_files = [p for p in shard_files if p.is_file()]
+    assert len(shard_files) == 6  # 24 clips, 4 per shard
+
+    shard_files[1].unlink()  # rows 4-7
+    with pytest.raises(DamagedStore, match=r"waveform rows 4-7 are missing.*kdpipe verify"):
+        WaveformStore.open(store_path)
+    flip_bytes(shard_files[3])  # rows 12-15: the bytes change, the file stays
+    damage = {(d.array, d.start, d.stop, d.reason.split(" (")[0]) for d in find_damage(store_path)}
+    assert damage == {("waveform", 4, 8, "are missing"), ("waveform", 12, 16, "do not decode")}
+
+    before = {p: p.stat().st_mtime_ns for p in shard_files if p.exists()}
+    result = runner.invoke(app, ["verify", "prepare", *[f"--set={s}" for s in settings(small_demo, tmp_path)]])
+    assert result.exit_code == 0, result.output
+    assert "marked: 2 damaged unit(s)" in " ".join(result.output.split())
+    assert pipeline.status("prepare").state != "fresh"
+    rebuilt = make(small_demo, tmp_path)
+    rebuilt.ensure("prepare")
+    np.testing.assert_array_equal(WaveformStore.open(store_path).read(np.arange(24)), original)
+    touched = {p for p, mtime in before.items() if p.stat().st_mtime_ns != mtime}
+    assert touched == {shard_files[3]}  # the intact shards were not rewritten (and the missing one came back)
+    assert shard_files[1].is_file() and find_damage(store_path) == []
+
+
+def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path, "student.kd.enabled=false")
+    store_path = pipeline.ensure("prepare") / "waveforms.zarr"
+    shards = sorted(p for p in (store_path / "waveform" / "c").rglob("*") if p.is_file())
+    flip_bytes(shards[0], offset=100, count=4000)
+    with pytest.raises(KdpipeError, match=r"waveforms.zarr: waveform rows \d+-\d+ fail their checksum"):
+        pipeline.ensure("train-student")
+    (store_path / "labels" / "c" / "1" / "0").unlink()
+    with pytest.raises(DamagedStore, match="labels rows 4-7 are missing"):
+        make(small_demo, tmp_path, "student.kd.enabled=false", "student.seed=5").ensure("train-student")
+
+
+def test_an_ensemble_never_takes_a_lost_teacher_chunk_for_no_teacher(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path)
+    logits_path = pipeline.ensure("extract/mn_tiny") / "logits.zarr"
+    (logits_path / "logits" / "c" / "1" / "0").unlink()  # rows 8-15
+    with pytest.raises(DamagedStore, match=r"logits rows 8-15 are missing"):
+        pipeline.ensure("extract-teachers")
+    teacher = TeacherLogits.create(tmp_path / "t.zarr", 4, 3, 4, "float32", {})
+    teacher.write_chunk(0, np.array([[1, 2, 3], [np.nan] * 3, [1, 1, 1], [0, 0, 0]], dtype=np.float32))
+    decoded = np.array([True, True, True, False])
+    with pytest.raises(KdpipeError, match="rows 1 should have teacher t's logits"):
+        write_combined(tmp_path / "c.zarr", np.array(list("abcd")), {"t": teacher}, {"t": 1.0}, "logits",
+                       "float32", {}, {"t": decoded})
+    write_combined(tmp_path / "c.zarr", np.array(list("abcd")), {"t": teacher}, {"t": 1.0}, "logits", "float32", {},
+                   {"t": decoded & [True, False, True, True]})  # an imported teacher's gap is allowed
+
+
+@pytest.mark.parametrize("garbage", ["{not json", "{}", "[1, 2]", '{"stage": "prepare"}'])
+def test_an_unreadable_record_means_not_built(small_demo, tmp_path, garbage):
+    pipeline = make(small_demo, tmp_path)
+    entry = pipeline.ensure("prepare")
+    (entry / "record.json").write_text(garbage)
+    fresh = make(small_demo, tmp_path)
+    assert fresh.status("prepare").state != "fresh"
+    result = runner.invoke(app, ["status", *[f"--set={s}" for s in settings(small_demo, tmp_path)]])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    fresh.ensure("prepare")
+    assert json.loads((entry / "record.json").read_text())["stage"] == "prepare"
+
+
+def test_gc_skips_entries_being_built_or_read(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path)
+    pipeline.ensure("prepare")
+    other = make(small_demo, tmp_path, "prepare.min_seconds=0.9")  # prepare's entry is unreferenced there
+    key = pipeline.key("prepare")
+    gc = ["cache", "gc", *[f"--set={s}" for s in settings(small_demo, tmp_path, "prepare.min_seconds=0.9")]]
+    with pipeline.cache.reading("prepare", key):
+        result = runner.invoke(app, [*gc])
+        assert f"skipped prepare/{key}: in use" in result.output
+        assert pipeline.cache.record("prepare", key) is not None
+    with pipeline.cache.lock("prepare", key):
+        assert "skipped" in runner.invoke(app, [*gc, "--dry-run"]).output
+    result = runner.invoke(app, gc)
+    assert f"removed prepare/{key}" in result.output and not pipeline.cache.entry_dir("prepare", key).exists()
+    assert other.status("prepare").state == "missing"
+
+
+def test_workers_die_with_a_killed_parent(small_demo, tmp_path):
+    command = [sys.executable, "-m", "pipeline", "prepare", *[f"--set={s}" for s in settings(
+        small_demo, tmp_path, "prepare.workers=2", "prepare.shard_clips=1")]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 120
+    children: list[psutil.Process] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        children = [c for c in parent.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+        if len(children) >= 2 and list(tmp_path.glob("prepare/*/waveforms.zarr/done")):
+            break
+        time.sleep(0.05)
+    assert len(children) >= 2, "the decode workers never started"
+    everyone = parent.children(recursive=True)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    gone, alive = psutil.wait_procs(everyone, timeout=10)
+    assert not alive, f"survived their parent: {[p.cmdline()[:3] for p in alive]}"
+
+
+def test_die_with_parent_kills_a_busy_child_at_once():
+    """The mechanism alone: a child that would sleep a minute goes when its parent is killed."""
+    child_code = ("import os, sys, time; from pipeline.processes import die_with_parent; "
+                  "die_with_parent(int(sys.argv[1])); print('armed', flush=True); time.sleep(60)")
+    parent_code = ("import os, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', sys.argv[1], "
+                   "str(os.getpid())], stdout=sys.stdout); print(child.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, child_code], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert parent.stdout.readline().strip() == "armed"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    child.wait(timeout=5)  # raises psutil.TimeoutExpired if the child outlived its parent
