@@ -179,6 +179,8 @@ def _check_present(source: Source, name: str) -> None:
         return
     if not source.exists():
         raise AudioError("missing", f"{name}: file not found; check the path or download it")
+    if not source.is_file():
+        raise AudioError("missing", f"{name}: is a folder, not an audio file; check the manifest's path")
     if source.stat().st_size == 0:
         raise AudioError("empty", f"{name}: file is empty (0 bytes); the download probably failed")
 

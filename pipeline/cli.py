@@ -22,7 +22,7 @@ from pipeline import __version__
 from pipeline import config as config_module
 from pipeline import console, torch_stack
 from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, KdpipeError
+from pipeline.errors import ConfigError, KdpipeError, environment_error
 from pipeline.runner import Pipeline
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,8 +62,8 @@ NoWaitOption = Annotated[
 
 
 def user_errors(function: F) -> F:
-    """Turn KdpipeError (and a torch/torchaudio/torchvision that cannot load) into a one-line message and its
-    exit code."""
+    """Turn KdpipeError, a torch/torchaudio/torchvision that cannot load, and a full or unwritable disk into
+    a one-line message and its exit code."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,9 +72,10 @@ def user_errors(function: F) -> F:
                 return function(*args, **kwargs)
             except (ImportError, OSError, RuntimeError) as exc:
                 member = torch_stack.broken_member(exc)
-                if member is None:
+                converted = torch_stack.stack_error(member, exc) if member else environment_error(exc)
+                if converted is None:
                     raise
-                raise torch_stack.stack_error(member, exc) from None
+                raise converted from None
         except KdpipeError as exc:
             console.err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None

@@ -121,6 +121,13 @@ def test_missing_file(tmp_path):
     assert caught.value.reason == "missing" and "nowhere.wav" in str(caught.value)
 
 
+def test_a_folder_is_skipped_with_a_reason(tmp_path):
+    (tmp_path / "clip.wav").mkdir()
+    with pytest.raises(AudioError) as caught:
+        decode(tmp_path / "clip.wav")
+    assert caught.value.reason == "missing" and "is a folder" in str(caught.value)
+
+
 def test_zero_byte_file_zero_frame_wav_and_empty_bytes_are_empty(tmp_path):
     (tmp_path / "zero.wav").touch()
     assert reason_of(tmp_path / "zero.wav") == "empty"
