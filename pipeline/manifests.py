@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import DataConfig, SourceConfig
-from pipeline.errors import KdpipeError
+from pipeline.errors import ConfigError, KdpipeError
 from pipeline.hdf5_source import read_hdf5_index
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".webm")
@@ -65,29 +65,53 @@ def read_class_list(path: Path) -> ClassList:
 
 
 def read_csv_manifest(path: Path, default_split: str | None = None) -> list[Clip]:
-    """Our CSV manifest; audio paths are relative to the manifest's folder."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or ())
-        missing = {"clip_id", "path", "labels"} - columns
-        if missing:
-            raise KdpipeError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
-                              "a manifest has clip_id,path,labels[,start,end,split]")
-        if "split" not in columns and default_split is None:
-            raise KdpipeError(f"{path}: no split column; give the source a `split:` in the config")
-        clips = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                clips.append(Clip(
-                    clip_id=row["clip_id"].strip(),
-                    audio=Path(os.path.normpath(path.parent / row["path"].strip())),
-                    labels=_split_labels(row["labels"], LABEL_SEPARATOR),
-                    split=(row.get("split") or default_split or "").strip(),
-                    start=_optional_float(row.get("start")),
-                    end=_optional_float(row.get("end")),
-                ))
-            except (ValueError, AttributeError) as exc:
-                raise KdpipeError(f"{path}, line {line}: {exc}") from None
+    """Our CSV manifest; audio paths are relative to the manifest's folder.
+
+    A malformed manifest is a usage error (exit 2) naming the file, the line and what is wrong.
+    UTF-8 with or without a byte-order mark is read; anything else is refused.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return _read_csv_rows(path, csv.DictReader(handle), default_split)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the manifest as UTF-8") \
+            from None
+
+
+def _read_csv_rows(path: Path, reader: csv.DictReader, default_split: str | None) -> list[Clip]:
+    if reader.fieldnames is None:
+        raise ConfigError(f"{path}: the file is empty; a manifest has a header clip_id,path,labels[,start,end,split]")
+    columns = set(reader.fieldnames)
+    missing = {"clip_id", "path", "labels"} - columns
+    if missing:
+        raise ConfigError(f"{path}, line 1: missing column(s) {', '.join(sorted(missing))}; "
+                          "a manifest has clip_id,path,labels[,start,end,split]")
+    if "split" not in columns and default_split is None:
+        raise ConfigError(f"{path}: no split column; give the source a `split:` in the config")
+    clips, seen = [], {}
+    for line, row in enumerate(reader, start=2):
+        if None in row.values() or None in row:
+            raise ConfigError(f"{path}, line {line}: {len([v for v in row.values() if v is not None])} fields where "
+                              f"the header has {len(reader.fieldnames)}")
+        try:
+            clip = Clip(
+                clip_id=row["clip_id"].strip(),
+                audio=Path(os.path.normpath(path.parent / row["path"].strip())),
+                labels=_split_labels(row["labels"], LABEL_SEPARATOR),
+                split=(row.get("split") or default_split or "").strip(),
+                start=_optional_float(row.get("start")),
+                end=_optional_float(row.get("end")),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{path}, line {line}: {exc}") from None
+        if not clip.clip_id:
+            raise ConfigError(f"{path}, line {line}: empty clip_id")
+        if clip.clip_id in seen:
+            raise ConfigError(f"{path}, line {line}: clip_id {clip.clip_id!r} already on line {seen[clip.clip_id]}")
+        seen[clip.clip_id] = line
+        clips.append(clip)
+    if not clips:
+        raise ConfigError(f"{path}: a header and no clips")
     return clips
 
 
@@ -164,7 +188,8 @@ def load_clips(data: DataConfig) -> tuple[ClassList, list[Clip]]:
     clips = [clip for source in data.sources for clip in read_source(source, classes)]
     duplicates = [clip_id for clip_id, count in Counter(c.clip_id for c in clips).items() if count > 1]
     if duplicates:
-        raise KdpipeError(f"{len(duplicates)} clip id(s) appear more than once, e.g. {', '.join(duplicates[:5])}")
+        raise ConfigError(f"{len(duplicates)} clip id(s) appear in more than one source, "
+                          f"e.g. {', '.join(duplicates[:5])}")
     if classes is None:
         found = sorted({label for clip in clips for label in clip.labels})
         classes = ClassList(tuple(found), tuple(found))

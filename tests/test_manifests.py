@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import DataConfig, SourceConfig
-from pipeline.errors import KdpipeError
+from pipeline.errors import ConfigError, KdpipeError
 from pipeline.manifests import (
     index_audio_folder,
     load_clips,
@@ -91,11 +91,34 @@ def test_csv_manifest_errors(tmp_path):
         read_csv_manifest(bad_time)
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"", "the file is empty"),
+    (b"clip_id,path,labels,split\n", "a header and no clips"),
+    (b"clip_id,path,split\na,a.wav,train\n", "line 1: missing column.*labels"),
+    (b"clip_id,path,labels,split\na,a.wav,x,train\nb,b.wav\n", "line 3: 2 fields where the header has 4"),
+    (b"clip_id,path,labels,split\na,a.wav,x,train\na,b.wav,y,eval\n", "line 3: clip_id 'a' already on line 2"),
+    (b"clip_id,path,labels,split\ncaf\xe9,a.wav,x,train\n", "not UTF-8"),
+])
+def test_malformed_manifests_are_usage_errors_naming_file_and_line(tmp_path, content, expected):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected) as caught:
+        read_csv_manifest(manifest)
+    assert caught.value.exit_code == 2 and str(manifest) in str(caught.value)
+
+
+def test_a_byte_order_mark_and_empty_labels_are_read(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes("\ufeffclip_id,path,labels,split\na,a.wav,,train\nb,b.wav,x,eval\n".encode("utf-8"))
+    clips = read_csv_manifest(manifest)
+    assert [(c.clip_id, c.labels) for c in clips] == [("a", ()), ("b", ("x",))]
+
+
 def test_duplicate_clip_ids_across_sources(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("clip_id,path,labels,split\na,a.wav,x,train\n")
     data = DataConfig(sources=[SourceConfig(path=manifest), SourceConfig(path=manifest)])
-    with pytest.raises(KdpipeError, match="more than once, e.g. a"):
+    with pytest.raises(KdpipeError, match="more than one source, e.g. a"):
         load_clips(data)
 
 
