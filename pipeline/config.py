@@ -21,9 +21,9 @@ from pipeline.errors import ConfigError, KdpipeError
 
 
 class _Section(BaseModel):
-    """Strict section: unknown keys are errors, values are immutable."""
+    """Strict section: unknown keys are errors, values are immutable, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------- schema
@@ -52,6 +52,17 @@ class PrepareConfig(_Section):
     silence_threshold: float = Field(1e-4, ge=0, lt=1, description="peak amplitude below this is silent")
     shard_clips: int = Field(256, ge=1, le=65536, description="clips per Zarr shard (one file, one writer)")
     compression: Literal["none", "zstd"] = Field("none", description="waveform codec; none reads fastest")
+
+
+def known_options(arch: str | None, options: dict[str, Any]) -> None:
+    """A model's options must be arguments of its constructor: a typo fails when the config loads."""
+    from pipeline.models import check_options
+
+    if arch is not None:
+        try:
+            check_options(arch, options)
+        except KdpipeError as error:
+            raise ValueError(str(error)) from None
 
 
 def registered_arch(arch: str | None) -> str | None:
@@ -87,6 +98,7 @@ class TeacherConfig(_Section):
             raise ValueError("give either arch (a model) or logits (an imported .npy), not both or neither")
         if (self.logits is None) != (self.logits_index is None):
             raise ValueError("logits and logits_index go together")
+        known_options(self.arch, self.options)
         return self
 
     @property
@@ -173,6 +185,11 @@ class StudentConfig(_Section):
     num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
     _registered = field_validator("arch")(classmethod(lambda cls, arch: registered_arch(arch)))
+
+    @model_validator(mode="after")
+    def _known_options(self) -> StudentConfig:
+        known_options(self.arch, self.options)
+        return self
 
     @field_validator("representations")
     @classmethod
@@ -262,7 +279,9 @@ def load_config(
     if path is not None:
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
-        raw = parse_yaml(path.read_text(), str(path)) or {}
+        raw = parse_yaml(path.read_text(), str(path))
+        if raw is None:
+            raise ConfigError(f"{path}: the file is empty; a config is a mapping of sections (see configs/)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:

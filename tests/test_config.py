@@ -127,3 +127,22 @@ def test_every_spelling_of_one_run_has_one_key(tmp_path, small_demo, monkeypatch
     assert different["train-student"] != plain["train-student"]
     assert {name: key for name, key in different.items() if name not in ("train-student", "evaluate")} == \
         {name: key for name, key in plain.items() if name not in ("train-student", "evaluate")}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("student.lr=.inf", "student.lr: Input should be a finite number"),
+    ("teachers.0.weight=.nan", "teachers.0.weight: Input should be a finite number"),
+    ("student.options.widht=2", "student: mobilenetv3 takes no option widht; it takes"),
+    ("teachers.0.options.depht=2", "teachers.0: passt_tiny takes no option depht"),
+])
+def test_non_finite_floats_and_unknown_model_options_fail_when_the_config_loads(override, expected):
+    result = CliRunner().invoke(app, ["status", "--set", "teachers.0.arch=passt_tiny", "--set", override])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert expected in " ".join(result.output.split())
+
+
+def test_an_empty_config_file_is_an_error(tmp_path):
+    empty = tmp_path / "kdpipe.yaml"
+    empty.write_text("# nothing yet\n")
+    result = CliRunner().invoke(app, ["status", "--config", str(empty)])
+    assert result.exit_code == 2 and "the file is empty" in " ".join(result.output.split())

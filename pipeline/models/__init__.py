@@ -11,6 +11,7 @@ trusting the file name.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -57,6 +58,15 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, _FACTORIES, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise KdpipeError(f"unknown model {name!r}; {hint}registry: {', '.join(list_models())}")
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise KdpipeError if `options` names an argument that model `name`'s constructor does not take."""
+    check_model_name(name)
+    accepted = set(inspect.signature(_FACTORIES[name]).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise KdpipeError(f"{name} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
 
 
 def create_model(name: str, checkpoint: Path | None = None, **overrides: Any) -> nn.Module:
