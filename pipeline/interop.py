@@ -34,12 +34,22 @@ def read_index(path: Path) -> dict[str, int]:
             raise KdpipeError(f"{path}: not a readable pickle ({exc})") from None
     if not isinstance(index, dict):
         raise KdpipeError(f"{path}: expected a dict of YouTube id -> row, got {type(index).__name__}")
-    return {str(key): int(value) for key, value in index.items()}
+    rows = {}
+    for key, value in index.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise KdpipeError(f"{path}: the row of {key!r} is {value!r}, not an integer row number")
+        rows[str(key)] = int(value)
+    return rows
 
 
 def import_logits(npy: Path, index_path: Path, clip_ids: np.ndarray, n_classes: int) -> tuple[np.ndarray, int]:
     """Logits aligned to `clip_ids` (NaN for clips the file lacks) and the number of clips found."""
-    logits = np.load(npy, mmap_mode="r", allow_pickle=False)
+    try:
+        logits = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise KdpipeError(f"{npy}: not a readable .npy array of logits ({exc})") from None
+    if not isinstance(logits, np.ndarray) or not np.issubdtype(logits.dtype, np.floating):
+        raise KdpipeError(f"{npy}: expected float logits, got {getattr(logits, 'dtype', type(logits).__name__)}")
     if logits.ndim != 2 or logits.shape[1] != n_classes:
         raise KdpipeError(f"{npy}: shape {logits.shape}, expected (clips, {n_classes})")
     index = read_index(index_path)

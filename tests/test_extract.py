@@ -211,3 +211,21 @@ def test_an_index_pickle_cannot_run_code(tmp_path):
         read_index(path)
     path.write_bytes(pickle.dumps({"--4gqARaEJE": np.int64(3)}))
     assert read_index(path) == {"--4gqARaEJE": 3}
+
+
+def test_garbage_logits_and_indexes_are_clear_errors(tmp_path):
+    from pipeline.interop import import_logits
+
+    index = tmp_path / "fname_to_index.pkl"
+    index.write_bytes(pickle.dumps({"a": 0, "b": "1"}))
+    with pytest.raises(KdpipeError, match="the row of 'b' is '1', not an integer"):
+        read_index(index)
+    index.write_bytes(pickle.dumps({"a": 0}))
+    ids = np.array(["a"])
+    cases = {"garbage.npy": lambda p: p.write_bytes(os.urandom(300)),
+             "objects.npy": lambda p: np.save(p, np.array([[{"x": 1}]], dtype=object)),
+             "strings.npy": lambda p: np.save(p, np.array([["1", "2"]]))}
+    for name, write in cases.items():
+        write(tmp_path / name)
+        with pytest.raises(KdpipeError, match=f"{name}: (not a readable .npy|expected float logits)"):
+            import_logits(tmp_path / name, index, ids, 2)
