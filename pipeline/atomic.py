@@ -14,8 +14,18 @@ from pathlib import Path
 def write(path: Path, writer: Callable[[Path], object]) -> None:
     """`writer(temporary_path)` writes the content, e.g. `lambda tmp: torch.save(state, tmp)`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer(tmp)
-    os.replace(tmp, path)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the temporary never outlives its write
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete temporaries that a killed writer left (called before a stage commits its folder)."""
+    for leftover in folder.rglob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline import console
+from pipeline import atomic, console
 from pipeline.cache import StageCache, environment_versions
 from pipeline.config import Config
 from pipeline.errors import KdpipeError
@@ -93,6 +93,7 @@ class Pipeline:
             self._prepare_folder(stage, out_dir, force)
             started = time.time()
             summary = stage.run(StageContext(self.config, out_dir, upstream, key, self.components(name).inputs))
+            atomic.remove_leftovers(out_dir)
             missing = [path for path in stage.outputs if not (out_dir / path).exists()]
             if missing:
                 raise KdpipeError(f"{name} finished without producing {', '.join(missing)}")

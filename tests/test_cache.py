@@ -4,6 +4,7 @@ A toy chain data -> teachers -> student stands in for the real stages so the
 rules can be checked on every kind of config change in milliseconds.
 """
 
+import dataclasses
 import json
 import multiprocessing
 import time
@@ -239,3 +240,24 @@ def test_gc_removes_only_unreferenced_entries(make):
         pipeline.cache.remove(entry)
     assert set(states(pipeline).values()) == {"fresh"}
     assert len(pipeline.cache.entries()) == 3
+
+
+def test_temporaries_never_outlive_their_write(make, tmp_path):
+    from pipeline import atomic
+
+    target = tmp_path / "state.pt"
+
+    def full_disk(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic.write(target, full_disk)
+    assert not target.exists() and list(tmp_path.glob(".*.tmp")) == []
+    pipeline = make()
+    pipeline.stages["data"] = dataclasses.replace(pipeline.stages["data"], resumable=True)  # keeps partial folders
+    folder = pipeline.cache.entry_dir("data", pipeline.key("data"))
+    folder.mkdir(parents=True)
+    (folder / ".resume.pt.12345.tmp").write_bytes(b"left by a killed writer")
+    pipeline.ensure("data")
+    assert not list(folder.rglob("*.tmp")) and (folder / RECORD).is_file()
