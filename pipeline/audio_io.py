@@ -106,14 +106,45 @@ def decode(source: Source, *, start: float | None = None, end: float | None = No
     except sf.SoundFileError as sf_error:
         try:
             decoded = _decode_pyav(source, start, end, declared)
+            # ffmpeg "opens" some garbage and finds no audio in it: corrupt, not empty
+            if decoded.audio.shape[1] == 0 and start is None and not _ogg_cut_short(source):
+                raise _NoAudioStream("no decodable audio")
         except (av.error.FFmpegError, _NoAudioStream) as av_error:
+            if _ogg_cut_short(source):
+                raise AudioError("truncated", f"{name}: the Ogg stream is cut short before any audio; "
+                                 "re-download it") from av_error
             raise AudioError(
                 "corrupt",
                 f"{name}: not a readable audio file (soundfile: {sf_error}; PyAV: {av_error}); "
                 "re-download or re-encode it",
             ) from av_error
+    if _ogg_cut_short(source):
+        seconds = decoded.audio.shape[1] / decoded.sample_rate
+        raise AudioError("truncated", f"{name}: the Ogg stream stops after {seconds:.2f} s without its "
+                         "end-of-stream page; the file was cut short, re-download it")
     _check_complete(decoded, name, start, end)
     return decoded.audio, decoded.sample_rate
+
+
+def _ogg_cut_short(source: Source) -> bool:
+    """An Ogg file (Vorbis, Opus) whose last page is incomplete or lacks the end-of-stream flag.
+
+    Ogg declares no total length, and decoders stop quietly at a cut; but a complete stream
+    ends with a whole page flagged end-of-stream (RFC 3533, header type bit 0x04).
+    """
+    with _open_binary(source) as handle:
+        if handle.read(4) != b"OggS":
+            return False
+        size = handle.seek(0, io.SEEK_END)
+        handle.seek(max(0, size - 65536 - 282))  # a page is at most 27 + 255 + 255 * 255 bytes
+        tail = handle.read()
+    last = tail.rfind(b"OggS")
+    if last < 0 or len(tail) - last < 27:
+        return True
+    header_type, segments = tail[last + 5], tail[last + 26]
+    table = tail[last + 27:last + 27 + segments]
+    complete = len(table) == segments and last + 27 + segments + sum(table) == len(tail)
+    return not (complete and header_type & 0x04)
 
 
 def load_clip(

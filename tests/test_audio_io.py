@@ -135,6 +135,19 @@ def test_zero_byte_file_zero_frame_wav_and_empty_bytes_are_empty(tmp_path):
     assert reason_of(b"") == "empty"
 
 
+@pytest.mark.parametrize("suffix", [".flac", ".ogg", ".mp3"])
+def test_garbage_with_an_audio_extension_is_corrupt_not_empty(tmp_path, suffix):
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    assert reason_of(path) == "corrupt"
+
+
+def test_whole_ogg_files_are_not_truncated(tmp_path):
+    for suffix, options in ((".ogg", {"subtype": "VORBIS"}), (".opus", {"format": "OGG", "subtype": "OPUS"})):
+        audio, _ = decode(write(tmp_path / f"whole{suffix}", chirp(3.0), **options))
+        assert audio.shape[1] > 0
+
+
 def test_garbage_with_wav_extension_is_corrupt_and_names_both_decoders(tmp_path):
     path = tmp_path / "garbage.wav"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
@@ -146,13 +159,16 @@ def test_garbage_with_wav_extension_is_corrupt_and_names_both_decoders(tmp_path)
 
 
 @pytest.mark.parametrize(
-    ("suffix", "options"), [(".wav", {"subtype": "PCM_16"}), (".mp3", {"format": "MP3"}), (".flac", {})]
+    ("suffix", "options"), [(".wav", {"subtype": "PCM_16"}), (".mp3", {"format": "MP3"}), (".flac", {}),
+                            (".ogg", {"subtype": "VORBIS"}), (".opus", {"format": "OGG", "subtype": "OPUS"})]
 )
 def test_file_cut_in_half_is_truncated(tmp_path, suffix, options):
+    # Ogg (Vorbis, Opus): decoders stop quietly at the cut; the last page lacks the end-of-stream flag.
     # WAV: libsndfile hides the cut, caught from the RIFF header's data size.
     # MP3: read() returns fewer frames than the Xing header promises.
     # FLAC: libsndfile refuses it, PyAV decodes up to the cut and then errors.
-    whole = write(tmp_path / f"whole{suffix}", chirp(3.0), **options).read_bytes()
+    seconds = 10.0 if suffix in (".ogg", ".opus") else 3.0  # Ogg: cut in the audio pages, past the headers
+    whole = write(tmp_path / f"whole{suffix}", chirp(seconds), **options).read_bytes()
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(AudioError) as caught:
