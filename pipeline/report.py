@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.evaluate import EFFICIENTAT_SECONDS, Evaluation, ModelResult
 
 # EfficientAT's published AudioSet models (github.com/fschmid56/EfficientAT README at a425fdc, table of
-# pre-trained models; Schmid et al., ICASSP 2023, Table 2): name, parameters (M),
+# pre-trained models): name, parameters (M),
 # MACs per 10 s clip (G), AudioSet eval mAP. All ImageNet-pretrained; the best run, not an average.
 EFFICIENTAT_PUBLISHED: tuple[tuple[str, float, float, float], ...] = (
     ("mn04", 0.983, 0.11, 0.432),
