@@ -1,5 +1,5 @@
-"""`python -m pipeline ...` runs the CLI (torchrun needs a module entry point)."""
+"""`python -m kdpipe ...` runs the CLI (torchrun needs a module entry point)."""
 
-from pipeline.cli import main
+from kdpipe.cli import main
 
 main()

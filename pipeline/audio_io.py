@@ -40,8 +40,8 @@ import av
 import numpy as np
 import soundfile as sf
 
-from pipeline import frontends
-from pipeline.errors import KdpipeError
+from kdpipe import frontends
+from kdpipe.errors import KdpipeError
 
 REASONS = ("missing", "empty", "corrupt", "truncated", "too_short", "silent", "nonfinite")
 

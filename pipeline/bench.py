@@ -20,18 +20,18 @@ import numpy as np
 import soundfile
 import torch
 
-from pipeline import console
-from pipeline.errors import KdpipeError
-from pipeline.extraction import Teacher, TeacherSpec, extract_local
-from pipeline.frontends import build_frontend
-from pipeline.loader import BatchLoader, batch_loader, sequential_batches
-from pipeline.logits_store import TeacherLogits
-from pipeline.manifests import ClassList
-from pipeline.models import create_model
-from pipeline.models.complexity import count_macs
-from pipeline.models.windowing import clip_forward
-from pipeline.training import label_loss, train_step
-from pipeline.waveform_store import WaveformStore
+from kdpipe import console
+from kdpipe.errors import KdpipeError
+from kdpipe.extraction import Teacher, TeacherSpec, extract_local
+from kdpipe.frontends import build_frontend
+from kdpipe.loader import BatchLoader, batch_loader, sequential_batches
+from kdpipe.logits_store import TeacherLogits
+from kdpipe.manifests import ClassList
+from kdpipe.models import create_model
+from kdpipe.models.complexity import count_macs
+from kdpipe.models.windowing import clip_forward
+from kdpipe.training import label_loss, train_step
+from kdpipe.waveform_store import WaveformStore
 
 AUDIOSET_CLASSES = 527
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
@@ -135,7 +135,7 @@ class _DecodingClips(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from pipeline.audio_io import load_clip
+        from kdpipe.audio_io import load_clip
 
         wave, _ = load_clip(self.paths[index], sample_rate=self.sample_rate, clip_samples=self.clip_samples,
                             min_seconds=0.0)
@@ -145,10 +145,10 @@ class _DecodingClips(torch.utils.data.Dataset):
 
 def prepared_demo(root: Path, clips: int, seconds: float) -> tuple[Path, list[Path]]:
     """Demo clips as mp3 files (mixed sample rates) and the waveform store prepared from them."""
-    from pipeline.config import load_config
-    from pipeline.demo_data import write_demo_dataset
-    from pipeline.runner import Pipeline
-    from stages import prepare
+    from kdpipe.config import load_config
+    from kdpipe.demo_data import write_demo_dataset
+    from kdpipe.runner import Pipeline
+    from kdpipe.stages import prepare
 
     dataset = write_demo_dataset(root / "audio", n_train=clips, n_eval=1, clip_seconds=seconds)
     manifest = root / "audio" / "mp3.csv"  # AudioSet as users hold it: mp3 (PaSST's HDF5 files)

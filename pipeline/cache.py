@@ -23,8 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, console
-from pipeline.errors import LockBusy
+from kdpipe import atomic, console
+from kdpipe.errors import LockBusy
 
 RECORD = "record.json"
 RECORD_FIELDS = ("stage", "key", "components", "finished", "outputs")

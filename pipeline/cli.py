@@ -18,12 +18,12 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from pipeline import __version__
-from pipeline import config as config_module
-from pipeline import console, torch_stack
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, KdpipeError, environment_error
-from pipeline.runner import Pipeline
+from kdpipe import __version__
+from kdpipe import config as config_module
+from kdpipe import console, torch_stack
+from kdpipe.config import Config, load_config
+from kdpipe.errors import ConfigError, KdpipeError, environment_error
+from kdpipe.runner import Pipeline
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,7 +91,7 @@ def resolve_config(path: Path | None, overrides: list[str] | None, flags: dict[s
 
 
 def make_pipeline(config: Config) -> Pipeline:
-    from stages import build_stages
+    from kdpipe.stages import build_stages
 
     return Pipeline(build_stages(config), config)
 
@@ -99,7 +99,7 @@ def make_pipeline(config: Config) -> Pipeline:
 def referenced_entries(config: Config) -> set[tuple[str, str]]:
     """(stage, key) of every cache entry the config's run uses: its stages', and with KD on, its no-KD
     baseline's (evaluate scores that student too, so `cache gc` must keep it)."""
-    from stages.evaluate import baseline_config
+    from kdpipe.stages.evaluate import baseline_config
 
     configs = [config, baseline_config(config)] if config.student.kd.enabled else [config]
     return {(stage, key) for c in configs for stage, key in make_pipeline(c).referenced_keys().items()}
@@ -143,7 +143,7 @@ def train_teacher(
     no_wait: NoWaitOption = False,
 ) -> None:
     """Train or fine-tune teachers on the prepared store with labels only; keeps the best epoch."""
-    from stages.train_teacher import PREFIX
+    from kdpipe.stages.train_teacher import PREFIX
 
     pipeline = make_pipeline(resolve_config(config, set_))
     trainable = [name.removeprefix(PREFIX) for name in pipeline.stages if name.startswith(PREFIX)]
@@ -161,7 +161,7 @@ def train_teacher(
 def extract_teachers(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
                      no_wait: NoWaitOption = False) -> None:
     """Stage one: run every teacher over every clip once; store their logits and the ensemble (Zarr)."""
-    from stages.extract_teachers import NAME
+    from kdpipe.stages.extract_teachers import NAME
 
     pipeline = make_pipeline(resolve_config(config, set_))
     if NAME not in pipeline.stages:
@@ -184,8 +184,8 @@ def train_student(
     no_wait: NoWaitOption = False,
 ) -> None:
     """Stage two: train a student against the stored teacher targets (reuses cached teacher logits)."""
-    from pipeline import distributed
-    from stages.train_student import NAME
+    from kdpipe import distributed
+    from kdpipe.stages.train_student import NAME
 
     if gpus > 1 and not distributed.under_torchrun():
         raise typer.Exit(distributed.launch(gpus, without_option(sys.argv[1:], "--gpus")))
@@ -225,7 +225,7 @@ def without_option(argv: list[str], option: str) -> list[str]:
 def evaluate(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
              no_wait: NoWaitOption = False) -> None:
     """Score every teacher, the ensemble and every student on evaluation.split; write metrics, CSV and report.md."""
-    from stages.evaluate import NAME
+    from kdpipe.stages.evaluate import NAME
 
     pipeline = make_pipeline(resolve_config(config, set_))
     if NAME not in pipeline.stages:
@@ -240,7 +240,7 @@ def evaluation_table(metrics_json: Path, metrics: tuple[str, ...]) -> Table:
     """One row per evaluated model: the chosen metrics, parameters, MACs per clip and clips/s."""
     import json
 
-    from pipeline.report import format_count
+    from kdpipe.report import format_count
 
     result = json.loads(metrics_json.read_text())
     names = {"mAP": "mAP", "mAUC": "mAUC", "d_prime": "d-prime", "lwlrap": "lwlrap"}
@@ -265,10 +265,10 @@ def export_logits(
     teacher: Annotated[str | None, typer.Option(help="One teacher instead of the ensemble.")] = None,
 ) -> None:
     """Write the ensemble's (or one teacher's) logits the way EfficientAT's training code reads them."""
-    from pipeline import logits_store
-    from pipeline.interop import export_logits as write
-    from pipeline.waveform_store import WaveformStore
-    from stages.extract_teachers import NAME
+    from kdpipe import logits_store
+    from kdpipe.interop import export_logits as write
+    from kdpipe.waveform_store import WaveformStore
+    from kdpipe.stages.extract_teachers import NAME
 
     if format != "efficientat":
         raise ConfigError(f"--format: only 'efficientat' is supported, got {format!r}")
@@ -297,8 +297,8 @@ def import_logits(
     name: Annotated[str, typer.Option(help="Teacher name for the config entry.")] = "passt_ensemble",
 ) -> None:
     """Check EfficientAT-format logits against the prepared clips and print the teacher entry that uses them."""
-    from pipeline.interop import import_logits as read
-    from pipeline.waveform_store import WaveformStore
+    from kdpipe.interop import import_logits as read
+    from kdpipe.waveform_store import WaveformStore
 
     pipeline = make_pipeline(resolve_config(config, set_))
     store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
@@ -337,9 +337,9 @@ def predict(
                                                       "length.")] = None,
 ) -> None:
     """Top labels of audio files from a trained model: windows of the training clip length, averaged."""
-    from pipeline.predict import predict_files, top_k as ranked, write_windows_csv
-    from pipeline.tagger import load_tagger
-    from pipeline.devices import resolve_device
+    from kdpipe.predict import predict_files, top_k as ranked, write_windows_csv
+    from kdpipe.tagger import load_tagger
+    from kdpipe.devices import resolve_device
 
     resolved = resolve_config(config, set_)
     tagger = load_tagger(make_pipeline(resolved), model, arch, resolve_device(resolved.device))
@@ -369,8 +369,8 @@ def export_command(
                                              "<model>[-features].torchscript.pt.")] = None,
 ) -> None:
     """Export a trained model (dynamic batch; class list and frontend settings inside) and check it against torch."""
-    from pipeline.export import FORMATS, PARITY_BATCHES, PARITY_TOLERANCE, SUFFIXES, export_tagger
-    from pipeline.tagger import load_tagger
+    from kdpipe.export import FORMATS, PARITY_BATCHES, PARITY_TOLERANCE, SUFFIXES, export_tagger
+    from kdpipe.tagger import load_tagger
 
     if format not in FORMATS:
         raise ConfigError(f"--format: one of {', '.join(FORMATS)}; got {format!r}")
@@ -432,7 +432,7 @@ def status(config: ConfigOption = None, set_: SetOption = None,
            verify_: Annotated[bool, typer.Option("--verify", help="Also verify committed outputs "
                                                  "(as `kdpipe verify`) before reporting.")] = False) -> None:
     """One row per stage: fresh, stale (and what changed) or missing; then how clips reach each model."""
-    from pipeline.models.windowing import coverage_notes
+    from kdpipe.models.windowing import coverage_notes
 
     pipeline = make_pipeline(resolve_config(config, set_))
     if verify_:
@@ -459,13 +459,13 @@ def demo(
     force: ForceOption = False,
 ) -> None:
     """Generate the embedded demo data and run every stage on it with configs/demo.yaml."""
-    from pipeline.demo_data import write_demo_dataset
-    from stages.evaluate import NAME as EVALUATE
-    from stages.evaluate import baseline_config
-    from stages.train_student import NAME as STUDENT
+    from kdpipe.demo_data import write_demo_dataset
+    from kdpipe.stages.evaluate import NAME as EVALUATE
+    from kdpipe.stages.evaluate import baseline_config
+    from kdpipe.stages.train_student import NAME as STUDENT
 
     started = time.time()
-    demo_config = resources.files("pipeline.configs").joinpath("demo.yaml")
+    demo_config = resources.files("kdpipe.configs").joinpath("demo.yaml")
     with resources.as_file(demo_config) as path:
         overrides = [f"cache_dir={out / 'cache'}", f"data.sources.0.path={out / 'data' / 'manifest.csv'}",
                      f"data.class_list={out / 'data' / 'class_labels_indices.csv'}", *(set_ or [])]
@@ -498,8 +498,8 @@ def models_command(
     """Every registered model with its parameters and MACs for one clip (shapes only, no weights)."""
     import torch
 
-    from pipeline.models import create_model, list_models
-    from pipeline.models.complexity import describe
+    from kdpipe.models import create_model, list_models
+    from kdpipe.models.complexity import describe
 
     table = Table("name", "parameters", f"MACs ({seconds:g} s)", "input (mel x frames)", "frontend")
     for name in list_models():
@@ -519,7 +519,7 @@ def config_show(
     stage: Annotated[str | None, typer.Option(help="Only the keys this stage depends on.")] = None,
 ) -> None:
     """Print the resolved config (defaults < file < --set) as YAML."""
-    from pipeline.models.windowing import coverage_notes
+    from kdpipe.models.windowing import coverage_notes
 
     resolved = resolve_config(config, set_, check_files=False)
     plain = config_module.to_plain(resolved)
@@ -592,8 +592,8 @@ def bench_extract(
     rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds of both paths; medians are reported.")] = 3,
 ) -> None:
     """Teacher inference: clips/s of extract-teachers' path against a one-clip fp32 CPU-feature loop."""
-    from pipeline.bench import bench_extract as run_bench
-    from pipeline.devices import resolve_device
+    from kdpipe.bench import bench_extract as run_bench
+    from kdpipe.devices import resolve_device
 
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision: one of auto, fp32, bf16; got {precision!r}")
@@ -615,8 +615,8 @@ def bench_loader(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Training input: our store loader (int16 reads, features on the device) against per-item decoding."""
-    from pipeline.bench import bench_loader as run_bench
-    from pipeline.devices import resolve_device
+    from kdpipe.bench import bench_loader as run_bench
+    from kdpipe.devices import resolve_device
 
     result = run_bench(clips, seconds, batch_size, workers, resolve_device(device))
     print_bench(result, f"ours {result['ours_clips_per_s']:.1f} clips/s with features on the device "
@@ -638,8 +638,8 @@ def bench_train(
                                           "compiles; not timed).")] = False,
 ) -> None:
     """Training throughput of train-student's step on our loader, and the share of time spent waiting for data."""
-    from pipeline.bench import bench_train as run_bench
-    from pipeline.devices import resolve_device
+    from kdpipe.bench import bench_train as run_bench
+    from kdpipe.devices import resolve_device
 
     result = run_bench(arch, clips, seconds, batch_size, workers, resolve_device(device), compile)
     print_bench(result, f"training {result['train_clips_per_s']:.1f} clips/s, "
@@ -669,7 +669,7 @@ def manifest_from_audioset(
     output: Annotated[Path, typer.Option("--output", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
 ) -> None:
     """Write our CSV manifest for the clips of an AudioSet segment list found in AUDIO_DIR."""
-    from pipeline.manifests import read_audioset_segments, write_csv_manifest
+    from kdpipe.manifests import read_audioset_segments, write_csv_manifest
 
     clips = read_audioset_segments(segments, audio_dir, split)
     present = [clip for clip in clips if clip.audio.is_file()]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.training import LossFn, Mixup
+from kdpipe.training import LossFn, Mixup
 
 
 class RepresentationFrontends(nn.Module):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError, KdpipeError
+from kdpipe.errors import ConfigError, KdpipeError
 
 
 class _Section(BaseModel):
@@ -56,7 +56,7 @@ class PrepareConfig(_Section):
 
 def known_options(arch: str | None, options: dict[str, Any]) -> None:
     """A model's options must be arguments of its constructor: a typo fails when the config loads."""
-    from pipeline.models import check_options
+    from kdpipe.models import check_options
 
     if arch is not None:
         try:
@@ -67,7 +67,7 @@ def known_options(arch: str | None, options: dict[str, Any]) -> None:
 
 def registered_arch(arch: str | None) -> str | None:
     """An architecture must be in the model registry: caught when the config loads, not hours into a run."""
-    from pipeline.models import check_model_name  # imports torch: only when an arch is validated
+    from kdpipe.models import check_model_name  # imports torch: only when an arch is validated
 
     if arch is not None:
         try:
@@ -111,7 +111,7 @@ class TeacherConfig(_Section):
         return self.arch is not None and self.checkpoint is None
 
 
-PRECISION = "auto: bf16 autocast on CUDA, fp32 on a CPU (bf16 on a CPU only when asked for); see pipeline.devices"
+PRECISION = "auto: bf16 autocast on CUDA, fp32 on a CPU (bf16 on a CPU only when asked for); see kdpipe.devices"
 TRAINING_PRECISION = PRECISION + "; the loss is computed in fp32"
 TRAINING_COMPILE = "torch.compile the model for training steps (not part of the cache key)"
 UNKEYED_TRAINING = ("num_workers", "compile")
@@ -386,11 +386,11 @@ def resolved_settings(config: Config) -> Config:
     Every spelling of one run then has one key: `student.seed` unset and set to `seed`; a teacher's
     `name` unset and set to its arch; `student.arch: mn10` and `mobilenetv3` at width 1.0 (and
     `student.width`, which only `mobilenetv3` reads, at its default for every other arch);
-    `precision: auto` and the precision it means on `device` (pipeline.devices); a relative path
+    `precision: auto` and the precision it means on `device` (kdpipe.devices); a relative path
     and the absolute one (relative paths are relative to the working directory).
     """
-    from pipeline.devices import resolve_device, resolve_precision
-    from pipeline.models.mobilenet import NAME_TO_WIDTH
+    from kdpipe.devices import resolve_device, resolve_precision
+    from kdpipe.models.mobilenet import NAME_TO_WIDTH
 
     data = _absolute_paths(config.model_dump())
     student = data["student"]

@@ -19,15 +19,15 @@ import torch
 from distributed import (Client, LocalCluster, Nanny, NannyPlugin, Scheduler, SpecCluster, WorkerPlugin, as_completed,
                          get_worker)
 
-from pipeline import console
-from pipeline.extraction import Teacher, TeacherSpec, run_chunk
-from pipeline.logits_store import TeacherLogits
-from pipeline.processes import die_with_parent
-from pipeline.waveform_store import WaveformStore
+from kdpipe import console
+from kdpipe.extraction import Teacher, TeacherSpec, run_chunk
+from kdpipe.logits_store import TeacherLogits
+from kdpipe.processes import die_with_parent
+from kdpipe.waveform_store import WaveformStore
 
 
 class NannyDiesWithParent(NannyPlugin):
-    """A local cluster's nannies die with kdpipe (pipeline.processes)..."""
+    """A local cluster's nannies die with kdpipe (kdpipe.processes)..."""
 
     name = "kdpipe-nanny-dies-with-parent"
 
@@ -101,7 +101,7 @@ def extract_dask(spec: TeacherSpec, store_path: Path, logits_path: Path, todo: l
     """Extract `todo` chunks on a dask cluster; marks each done as its future completes.
 
     Returns the seconds taken and the (device, precision) pairs the workers ran with: each
-    worker resolves `precision: auto` on its own device (pipeline.devices).
+    worker resolves `precision: auto` on its own device (kdpipe.devices).
     """
     store = WaveformStore.open(store_path)
     logits = TeacherLogits.open(logits_path, mode="r+")

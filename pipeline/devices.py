@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import distributed
-from pipeline.distributed import SINGLE, Ranks
+from kdpipe import distributed
+from kdpipe.distributed import SINGLE, Ranks
 
 PRECISIONS = ("auto", "fp32", "bf16")
 

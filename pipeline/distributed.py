@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.stage import StageContext
+from kdpipe.stage import StageContext
 
 if TYPE_CHECKING:
-    from pipeline.runner import Pipeline
+    from kdpipe.runner import Pipeline
 
 # Rank 0 may build upstream stages (hours at AudioSet scale) while the others wait in a collective.
 UPSTREAM_TIMEOUT = timedelta(hours=24)
@@ -79,7 +79,7 @@ def shutdown() -> None:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `kdpipe <argv>` as `nproc` torchrun ranks on this machine; returns torchrun's exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "pipeline", *argv]
+               "-m", "kdpipe", *argv]
     return subprocess.call(command)
 
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.bench import inference_clips_per_second
-from pipeline.manifests import ClassList
-from pipeline.metrics import average_precision, lwlrap, tagging_metrics
-from pipeline.models.complexity import describe
+from kdpipe.bench import inference_clips_per_second
+from kdpipe.manifests import ClassList
+from kdpipe.metrics import average_precision, lwlrap, tagging_metrics
+from kdpipe.models.complexity import describe
 
 EFFICIENTAT_SECONDS = 10.0
 """EfficientAT counts MACs for 10 s clips; we also count ours at that length to compare with its points."""

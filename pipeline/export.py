@@ -27,7 +27,7 @@ import onnxruntime
 import torch
 from torch import nn
 
-from pipeline.tagger import Tagger
+from kdpipe.tagger import Tagger
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[Format, ...] = ("onnx", "torchscript")

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import console
-from pipeline.devices import resolve_precision
-from pipeline.errors import KdpipeError
-from pipeline.frontends import build_frontend
-from pipeline.loader import batch_loader, sequential_batches
-from pipeline.logits_store import TeacherLogits
-from pipeline.models import create_model
-from pipeline.models.windowing import clip_forward
-from pipeline.waveform_store import WaveformStore
+from kdpipe import console
+from kdpipe.devices import resolve_precision
+from kdpipe.errors import KdpipeError
+from kdpipe.frontends import build_frontend
+from kdpipe.loader import batch_loader, sequential_batches
+from kdpipe.logits_store import TeacherLogits
+from kdpipe.models import create_model
+from kdpipe.models.windowing import clip_forward
+from kdpipe.waveform_store import WaveformStore
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TeacherSpec:
     checkpoint: Path
     options: dict[str, Any] = field(default_factory=dict)
     frontend: dict[str, Any] = field(default_factory=dict)
-    precision: str = "auto"  # resolved on the device that runs it (pipeline.devices)
+    precision: str = "auto"  # resolved on the device that runs it (kdpipe.devices)
     compile: bool = False
 
 

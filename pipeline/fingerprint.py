@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pipeline import atomic
+from kdpipe import atomic
 
 _CHUNK = 1 << 20
 

@@ -26,7 +26,7 @@ def _torchaudio() -> SimpleNamespace:
 
     A torchaudio build that does not match torch fails as it is imported; importing it here
     stops only the commands that compute features, and the CLI names the mismatch
-    (pipeline.torch_stack), while --help, config show and status keep working.
+    (kdpipe.torch_stack), while --help, config show and status keep working.
     """
     import torchaudio.compliance.kaldi
     import torchaudio.functional
@@ -311,7 +311,7 @@ class FbankFrontend(_Fp32Frontend):
     the default (2 * 4.5689974); teachers without it (PSLA, CAV-MAE) pass their std as is.
 
     Longer clips are never cropped (AST's dataloader would cut them silently): their frames all
-    come out, and pipeline.models.windowing covers them with windows of the model's input.
+    come out, and kdpipe.models.windowing covers them with windows of the model's input.
 
     Output (batch, 1, n_mels, max(target_frames, frames)): frequency before time. AST's dataloader yields
     (time, freq) and its forward transposes to (1, freq, time) before the patch conv; this

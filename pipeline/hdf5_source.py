@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.errors import KdpipeError
+from kdpipe.errors import KdpipeError
 
 NAME_DATASET = "audio_name"
 AUDIO_DATASET = "mp3"

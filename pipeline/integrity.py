@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from pipeline.errors import KdpipeError
+from kdpipe.errors import KdpipeError
 
 DONE = "done"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import KdpipeError
+from kdpipe.errors import KdpipeError
 
 # What a pickled {str: int} dict may reference: numpy scalars, nothing that runs code.
 _SAFE_GLOBALS = {("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}

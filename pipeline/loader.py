@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.processes import loader_worker_dies_with_parent
-from pipeline.waveform_store import WaveformStore
+from kdpipe.processes import loader_worker_dies_with_parent
+from kdpipe.waveform_store import WaveformStore
 
 
 class StoreRows(Dataset):

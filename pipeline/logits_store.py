@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.errors import KdpipeError
-from pipeline.integrity import array_settings, check_written, read_rows
-from pipeline.zarr_groups import create_done_flags, open_group
+from kdpipe.errors import KdpipeError
+from kdpipe.integrity import array_settings, check_written, read_rows
+from kdpipe.zarr_groups import create_done_flags, open_group
 
 TEACHER_FORMAT = "kdpipe.teacher-logits/1"
 COMBINED_FORMAT = "kdpipe.teachers/1"

@@ -17,9 +17,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DataConfig, SourceConfig
-from pipeline.errors import ConfigError, KdpipeError
-from pipeline.hdf5_source import read_hdf5_index
+from kdpipe.config import DataConfig, SourceConfig
+from kdpipe.errors import ConfigError, KdpipeError
+from kdpipe.hdf5_source import read_hdf5_index
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".webm")
 LABEL_SEPARATOR = ";"

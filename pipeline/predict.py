@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import console, frontends
-from pipeline.audio_io import AudioError, decode
-from pipeline.errors import ConfigError
-from pipeline.tagger import Tagger
+from kdpipe import console, frontends
+from kdpipe.audio_io import AudioError, decode
+from kdpipe.errors import ConfigError
+from kdpipe.tagger import Tagger
 
 
 @dataclass(frozen=True)

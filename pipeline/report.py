@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.evaluate import EFFICIENTAT_SECONDS, Evaluation, ModelResult
+from kdpipe.evaluate import EFFICIENTAT_SECONDS, Evaluation, ModelResult
 
 # EfficientAT's published AudioSet models (github.com/fschmid56/EfficientAT README at a425fdc, table of
 # pre-trained models): name, parameters (M),

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline import atomic, console
-from pipeline.cache import StageCache, environment_versions
-from pipeline.config import Config
-from pipeline.errors import KdpipeError
-from pipeline.fingerprint import FingerprintDB
-from pipeline.stage import KeyComponents, Stage, StageContext, explain_change, key_components
-from pipeline.verify import Verdict, output_digests, verify_entry
+from kdpipe import atomic, console
+from kdpipe.cache import StageCache, environment_versions
+from kdpipe.config import Config
+from kdpipe.errors import KdpipeError
+from kdpipe.fingerprint import FingerprintDB
+from kdpipe.stage import KeyComponents, Stage, StageContext, explain_change, key_components
+from kdpipe.verify import Verdict, output_digests, verify_entry
 
 State = Literal["fresh", "stale", "missing"]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pipeline.config import Config, canonical_json, resolved_settings, select, to_plain
-from pipeline.fingerprint import FingerprintDB, sha256_text, source_hash
+from kdpipe.config import Config, canonical_json, resolved_settings, select, to_plain
+from kdpipe.fingerprint import FingerprintDB, sha256_text, source_hash
 
 
 @dataclass

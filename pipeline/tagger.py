@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, KdpipeError
-from pipeline.frontends import build_frontend
-from pipeline.manifests import ClassList, read_class_list
-from pipeline.models import create_model
-from pipeline.models.windowing import clip_forward
-from pipeline.runner import Pipeline
-from pipeline.waveform_store import WaveformStore
-from stages import train_student, train_teacher
-from stages.extract_teachers import checkpoint_path
+from kdpipe.errors import ConfigError, KdpipeError
+from kdpipe.frontends import build_frontend
+from kdpipe.manifests import ClassList, read_class_list
+from kdpipe.models import create_model
+from kdpipe.models.windowing import clip_forward
+from kdpipe.runner import Pipeline
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import train_student, train_teacher
+from kdpipe.stages.extract_teachers import checkpoint_path
 
 STUDENT = "student"
 

@@ -14,7 +14,7 @@ import re
 import traceback
 from importlib import metadata
 
-from pipeline.errors import KdpipeError
+from kdpipe.errors import KdpipeError
 
 TRIO = ("torch", "torchaudio", "torchvision")
 

@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import atomic, console, distributed
-from pipeline.devices import resolve_precision
-from pipeline.distributed import SINGLE, Ranks
-from pipeline.errors import KdpipeError
-from pipeline.loader import BatchLoader, sequential_batches, weighted_batches
-from pipeline.metrics import tagging_metrics
-from pipeline.models.windowing import clip_forward
-from pipeline.waveform_store import WaveformStore
+from kdpipe import atomic, console, distributed
+from kdpipe.devices import resolve_precision
+from kdpipe.distributed import SINGLE, Ranks
+from kdpipe.errors import KdpipeError
+from kdpipe.loader import BatchLoader, sequential_batches, weighted_batches
+from kdpipe.metrics import tagging_metrics
+from kdpipe.models.windowing import clip_forward
+from kdpipe.waveform_store import WaveformStore
 
 
 def lr_multiplier(epoch: int, warmup_epochs: int, rampdown_start: int, rampdown_epochs: int,
@@ -146,7 +146,7 @@ class FitSettings:
     compile: bool = False
 
     def bf16(self, device: torch.device) -> bool:
-        """bf16 autocast for the model's forward (pipeline.devices says what `auto` means)."""
+        """bf16 autocast for the model's forward (kdpipe.devices says what `auto` means)."""
         return resolve_precision(self.precision, device) == "bf16"
 
 

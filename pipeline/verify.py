@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import integrity
-from pipeline.cache import StageCache
-from pipeline.errors import LockBusy
-from pipeline.fingerprint import sha256_file
+from kdpipe import integrity
+from kdpipe.cache import StageCache
+from kdpipe.errors import LockBusy
+from kdpipe.fingerprint import sha256_file
 
 
 def output_digests(out_dir: Path, outputs: tuple[str, ...]) -> dict[str, str]:

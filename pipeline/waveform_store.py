@@ -11,7 +11,7 @@ Layout of `waveforms.zarr` (one row per manifest clip, in manifest order):
 Attributes: sample_rate, clip_samples, shard_clips, class mids and names.
 
 Zarr has no locks, so each shard is written by exactly one process. Every array is
-verifiable (pipeline.integrity): opened for reading, a store with a missing chunk file
+verifiable (kdpipe.integrity): opened for reading, a store with a missing chunk file
 where data was written is refused; a chunk that fails its checksum fails the read.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.integrity import array_settings, check_written, read_rows
-from pipeline.manifests import ClassList
-from pipeline.zarr_groups import create_done_flags, open_group
+from kdpipe.integrity import array_settings, check_written, read_rows
+from kdpipe.manifests import ClassList
+from kdpipe.zarr_groups import create_done_flags, open_group
 
 FORMAT = "kdpipe.waveforms/1"
 OK = "ok"

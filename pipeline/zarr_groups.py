@@ -6,7 +6,7 @@ from pathlib import Path
 
 import zarr
 
-from pipeline.integrity import array_settings
+from kdpipe.integrity import array_settings
 
 
 def open_group(path: Path, mode: str, expected_format: str) -> zarr.Group:

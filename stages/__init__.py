@@ -1,8 +1,8 @@
 """The stages of a run, in order. Each module is thin: it composes the library."""
 
-from pipeline.config import Config
-from pipeline.stage import Stage
-from stages import evaluate, extract_teachers, prepare, train_student, train_teacher
+from kdpipe.config import Config
+from kdpipe.stage import Stage
+from kdpipe.stages import evaluate, extract_teachers, prepare, train_student, train_teacher
 
 
 def build_stages(config: Config) -> list[Stage]:

@@ -18,20 +18,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import bench, console, devices, evaluate, logits_store, metrics, report, training
-from pipeline.config import Config, to_plain
-from pipeline.errors import KdpipeError
-from pipeline.evaluate import Evaluation, ModelResult
-from pipeline.extraction import Teacher, TeacherSpec
-from pipeline.frontends import build_frontend
-from pipeline.loader import BatchLoader
-from pipeline.models import load_checkpoint
-from pipeline.models.windowing import clip_forward
-from pipeline.runner import Pipeline
-from pipeline.stage import Stage, StageContext
-from pipeline.waveform_store import WaveformStore
-from stages import train_student
-from stages.extract_teachers import NAME as EXTRACT
+from kdpipe import bench, console, devices, evaluate, logits_store, metrics, report, training
+from kdpipe.config import Config, to_plain
+from kdpipe.errors import KdpipeError
+from kdpipe.evaluate import Evaluation, ModelResult
+from kdpipe.extraction import Teacher, TeacherSpec
+from kdpipe.frontends import build_frontend
+from kdpipe.loader import BatchLoader
+from kdpipe.models import load_checkpoint
+from kdpipe.models.windowing import clip_forward
+from kdpipe.runner import Pipeline
+from kdpipe.stage import Stage, StageContext
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import train_student
+from kdpipe.stages.extract_teachers import NAME as EXTRACT
 
 NAME = "evaluate"
 STUDENT = train_student.NAME
@@ -54,7 +54,7 @@ def built_baseline(config: Config) -> Baseline | None:
     """The no-KD baseline's train-student output, if the run's student uses KD and the baseline has been built."""
     if not config.student.kd.enabled:
         return None  # the run's own student is the baseline
-    from stages import build_stages  # stages/__init__ imports this module
+    from kdpipe.stages import build_stages  # stages/__init__ imports this module
 
     baseline = baseline_config(config)
     pipeline = Pipeline(build_stages(baseline), baseline)

@@ -19,18 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import console, dask_engine, extraction, frontends, integrity, interop, logits_store
-from pipeline.models import ast, create_model, mobilenet, passt
-from pipeline.config import Config, TeacherConfig
-from pipeline.errors import KdpipeError
-from pipeline.extraction import Teacher, TeacherSpec
-from pipeline.fingerprint import sha256_file
-from pipeline.logits_store import TeacherLogits
-from pipeline.metrics import tagging_metrics
-from pipeline.stage import Stage, StageContext
-from pipeline.devices import resolve_device
-from pipeline.waveform_store import WaveformStore
-from stages import train_teacher
+from kdpipe import console, dask_engine, extraction, frontends, integrity, interop, logits_store
+from kdpipe.models import ast, create_model, mobilenet, passt
+from kdpipe.config import Config, TeacherConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.extraction import Teacher, TeacherSpec
+from kdpipe.fingerprint import sha256_file
+from kdpipe.logits_store import TeacherLogits
+from kdpipe.metrics import tagging_metrics
+from kdpipe.stage import Stage, StageContext
+from kdpipe.devices import resolve_device
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import train_teacher
 
 PREFIX = "extract/"
 NAME = "extract-teachers"

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import audio_io, console, frontends, hdf5_source, integrity, manifests, processes, waveform_store
-from pipeline.audio_io import AudioError
-from pipeline.config import Config, PrepareConfig
-from pipeline.errors import KdpipeError
-from pipeline.manifests import ClassList, Clip
-from pipeline.stage import Stage, StageContext
-from pipeline.waveform_store import OK, WaveformStore
+from kdpipe import audio_io, console, frontends, hdf5_source, integrity, manifests, processes, waveform_store
+from kdpipe.audio_io import AudioError
+from kdpipe.config import Config, PrepareConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.manifests import ClassList, Clip
+from kdpipe.stage import Stage, StageContext
+from kdpipe.waveform_store import OK, WaveformStore
 
 UNKNOWN_LABEL = "unknown_label"
 

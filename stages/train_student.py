@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import atomic, collaborative, devices, distributed, frontends, loader, logits_store, models, training
-from pipeline.config import UNKEYED_TRAINING, Config, StudentConfig
-from pipeline.errors import KdpipeError
-from pipeline.models import create_model, mobilenet
-from pipeline.stage import Stage, StageContext
-from pipeline.training import FitSettings, LossFn, Mixup
-from pipeline.waveform_store import WaveformStore
-from stages.extract_teachers import NAME as EXTRACT
+from kdpipe import atomic, collaborative, devices, distributed, frontends, loader, logits_store, models, training
+from kdpipe.config import UNKEYED_TRAINING, Config, StudentConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.models import create_model, mobilenet
+from kdpipe.stage import Stage, StageContext
+from kdpipe.training import FitSettings, LossFn, Mixup
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages.extract_teachers import NAME as EXTRACT
 
 NAME = "train-student"
 

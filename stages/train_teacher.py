@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import devices, frontends, loader, models, training
-from pipeline.models import ast, mobilenet, passt
-from pipeline.config import UNKEYED_TRAINING, Config, TeacherConfig, to_plain
-from pipeline.models import create_model, load_checkpoint
-from pipeline.stage import Stage, StageContext
-from pipeline.training import FitSettings
-from pipeline.waveform_store import WaveformStore
+from kdpipe import devices, frontends, loader, models, training
+from kdpipe.models import ast, mobilenet, passt
+from kdpipe.config import UNKEYED_TRAINING, Config, TeacherConfig, to_plain
+from kdpipe.models import create_model, load_checkpoint
+from kdpipe.stage import Stage, StageContext
+from kdpipe.training import FitSettings
+from kdpipe.waveform_store import WaveformStore
 
 PREFIX = "train-teacher/"
 

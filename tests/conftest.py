@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.demo_data import DemoDataset, write_demo_dataset
-from pipeline.models import create_model
-from pipeline.runner import Pipeline
-from stages import build_stages
+from kdpipe.config import load_config
+from kdpipe.demo_data import DemoDataset, write_demo_dataset
+from kdpipe.models import create_model
+from kdpipe.runner import Pipeline
+from kdpipe.stages import build_stages
 
 AUDIOSET_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "audioset"
 

@@ -1,4 +1,4 @@
-"""Decoding, validation and fixed-length conversion of single clips (pipeline.audio_io, pipeline.frontends)."""
+"""Decoding, validation and fixed-length conversion of single clips (kdpipe.audio_io, kdpipe.frontends)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import frontends
-from pipeline.audio_io import REASONS, AudioError, decode, fit_length, load_clip, to_int16
+from kdpipe import frontends
+from kdpipe.audio_io import REASONS, AudioError, decode, fit_length, load_clip, to_int16
 
 SR = 16000
 

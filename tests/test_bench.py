@@ -5,7 +5,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from kdpipe.cli import app
 
 
 def test_bench_extract_prints_both_throughputs_and_the_ratio():

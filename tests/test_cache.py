@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import RECORD, StageCache
-from pipeline.config import load_config
-from pipeline.errors import LockBusy
-from pipeline.fingerprint import code_only
-from pipeline.runner import Pipeline
-from pipeline.stage import Stage, StageContext
+from kdpipe.cache import RECORD, StageCache
+from kdpipe.config import load_config
+from kdpipe.errors import LockBusy
+from kdpipe.fingerprint import code_only
+from kdpipe.runner import Pipeline
+from kdpipe.stage import Stage, StageContext
 
 RUNS: list[str] = []
 
@@ -243,7 +243,7 @@ def test_gc_removes_only_unreferenced_entries(make):
 
 
 def test_temporaries_never_outlive_their_write(make, tmp_path):
-    from pipeline import atomic
+    from kdpipe import atomic
 
     target = tmp_path / "state.pt"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from kdpipe.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -93,7 +93,7 @@ def test_empty_sources_is_a_clear_failure(tmp_path):
 
 
 def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "kdpipe", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "extract" not in result.stderr and "demo" in result.stdout
 
 

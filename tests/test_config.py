@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import ConfigError, canonical_json, load_config, parse_yaml, to_plain
+from kdpipe.cli import app
+from kdpipe.config import ConfigError, canonical_json, load_config, parse_yaml, to_plain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -99,8 +99,8 @@ def test_cli_config_show_resolves_overrides():
 
 def test_every_spelling_of_one_run_has_one_key(tmp_path, small_demo, monkeypatch):
     """Settings that default to others enter keys resolved: each spelling finds the same cache entries."""
-    from pipeline.runner import Pipeline
-    from stages import build_stages
+    from kdpipe.runner import Pipeline
+    from kdpipe.stages import build_stages
 
     monkeypatch.chdir(small_demo.root)
     base = [f"cache_dir={tmp_path}", f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0",

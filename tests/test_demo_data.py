@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.demo_data import DEMO_CLASSES, DemoDataset, write_demo_dataset
+from kdpipe.demo_data import DEMO_CLASSES, DemoDataset, write_demo_dataset
 
 N_TRAIN, N_EVAL, SECONDS = 36, 24, 1.5
 MIDS = {mid for mid, _ in DEMO_CLASSES}

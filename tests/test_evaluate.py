@@ -11,13 +11,13 @@ import torch
 import zarr
 from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
 
-from pipeline.config import load_config
-from pipeline.evaluate import Evaluation, Footprint, combined_footprint, score, write_results
-from pipeline.manifests import ClassList
-from pipeline.models import create_model
-from pipeline.report import write_report
-from pipeline.waveform_store import WaveformStore
-from stages.evaluate import baseline_config
+from kdpipe.config import load_config
+from kdpipe.evaluate import Evaluation, Footprint, combined_footprint, score, write_results
+from kdpipe.manifests import ClassList
+from kdpipe.models import create_model
+from kdpipe.report import write_report
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages.evaluate import baseline_config
 from test_cli import invoke
 from test_train_student import settings
 

@@ -8,11 +8,11 @@ import onnxruntime
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.export import export_tagger, load_exported, read_metadata
-from pipeline.models import create_model
-from pipeline.tagger import load_tagger
-from pipeline.waveform_store import WaveformStore
+from kdpipe.cli import app
+from kdpipe.export import export_tagger, load_exported, read_metadata
+from kdpipe.models import create_model
+from kdpipe.tagger import load_tagger
+from kdpipe.waveform_store import WaveformStore
 
 
 def store_clips(trained_run, count: int) -> torch.Tensor:

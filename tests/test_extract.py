@@ -15,15 +15,15 @@ import zarr
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.errors import KdpipeError
-from pipeline.frontends import build_frontend
-from pipeline.interop import read_index
-from pipeline.models import create_model, load_checkpoint
-from pipeline.runner import Pipeline
-from pipeline.waveform_store import WaveformStore
-from stages import build_stages
+from kdpipe.cli import app
+from kdpipe.config import load_config
+from kdpipe.errors import KdpipeError
+from kdpipe.frontends import build_frontend
+from kdpipe.interop import read_index
+from kdpipe.models import create_model, load_checkpoint
+from kdpipe.runner import Pipeline
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import build_stages
 
 
 def settings(small_demo, cache, *extra):
@@ -125,7 +125,7 @@ def test_kill_9_then_resume_is_bit_identical(built, small_demo, tmp_path):
     for stage in ("prepare", "train-teacher"):  # reuse the upstream stages built above
         shutil.copytree(source / stage, killed / stage)
         shutil.copytree(source / stage, clean / stage)
-    command = [sys.executable, "-m", "pipeline", "extract-teachers", "--set=extract.chunk_clips=1",
+    command = [sys.executable, "-m", "kdpipe", "extract-teachers", "--set=extract.chunk_clips=1",
                *[f"--set={item}" for item in settings(small_demo, killed)[:-3]]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done, deadline = 0, time.monotonic() + 120
@@ -214,7 +214,7 @@ def test_an_index_pickle_cannot_run_code(tmp_path):
 
 
 def test_garbage_logits_and_indexes_are_clear_errors(tmp_path):
-    from pipeline.interop import import_logits
+    from kdpipe.interop import import_logits
 
     index = tmp_path / "fname_to_index.pkl"
     index.write_bytes(pickle.dumps({"a": 0, "b": "1"}))

@@ -1,4 +1,4 @@
-"""Model-input frontends (pipeline.frontends): shapes, independent recomputation, dispatch."""
+"""Model-input frontends (kdpipe.frontends): shapes, independent recomputation, dispatch."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from pipeline import frontends
-from pipeline.frontends import (
+from kdpipe import frontends
+from kdpipe.frontends import (
     FbankFrontend,
     LogStftFrontend,
     MelFrontend,

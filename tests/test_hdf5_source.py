@@ -1,4 +1,4 @@
-"""Reading PaSST/EfficientAT AudioSet HDF5 files (pipeline.hdf5_source)."""
+"""Reading PaSST/EfficientAT AudioSet HDF5 files (kdpipe.hdf5_source)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.audio_io import load_clip
-from pipeline.hdf5_source import Hdf5FormatError, read_hdf5_audio, read_hdf5_index, ytid_from_audio_name
+from kdpipe.audio_io import load_clip
+from kdpipe.hdf5_source import Hdf5FormatError, read_hdf5_audio, read_hdf5_index, ytid_from_audio_name
 
 SR = 32000
 NAMES = [b"Y--4gqARaEJE.mp3", b"00/YYabcdefghij.mp3", b"Y_0123456789.mp3"]

@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import zarr
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.errors import KdpipeError
-from pipeline.integrity import DamagedStore, find_damage
-from pipeline.logits_store import TeacherLogits, write_combined
-from pipeline.runner import Pipeline
-from pipeline.waveform_store import WaveformStore
-from stages import build_stages
+from kdpipe.cli import app
+from kdpipe.config import load_config
+from kdpipe.errors import KdpipeError
+from kdpipe.integrity import DamagedStore, find_damage
+from kdpipe.logits_store import TeacherLogits, write_combined
+from kdpipe.runner import Pipeline
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import build_stages
 
 runner = CliRunner()
 
@@ -134,7 +133,7 @@ def test_gc_skips_entries_being_built_or_read(small_demo, tmp_path):
 
 
 def test_workers_die_with_a_killed_parent(small_demo, tmp_path):
-    command = [sys.executable, "-m", "pipeline", "prepare", *[f"--set={s}" for s in settings(
+    command = [sys.executable, "-m", "kdpipe", "prepare", *[f"--set={s}" for s in settings(
         small_demo, tmp_path, "prepare.workers=2", "prepare.shard_clips=1")]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(process.pid)
@@ -155,7 +154,7 @@ def test_workers_die_with_a_killed_parent(small_demo, tmp_path):
 
 def test_die_with_parent_kills_a_busy_child_at_once():
     """The mechanism alone: a child that would sleep a minute goes when its parent is killed."""
-    child_code = ("import os, sys, time; from pipeline.processes import die_with_parent; "
+    child_code = ("import os, sys, time; from kdpipe.processes import die_with_parent; "
                   "die_with_parent(int(sys.argv[1])); print('armed', flush=True); time.sleep(60)")
     parent_code = ("import os, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', sys.argv[1], "
                    "str(os.getpid())], stdout=sys.stdout); print(child.pid, flush=True); time.sleep(60)")
@@ -178,7 +177,7 @@ def test_a_full_disk_or_a_file_in_the_cache_path_is_one_message(small_demo, tmp_
     cases = [("a_file/cache", None, "a part of the path is a file, not a folder"),
              ("limited", small_files, "file larger than this process may write")]
     for cache, limit, meaning in cases:
-        command = [sys.executable, "-m", "pipeline", "prepare",
+        command = [sys.executable, "-m", "kdpipe", "prepare",
                    *[f"--set={s}" for s in settings(small_demo, tmp_path / cache, "prepare.workers=0")]]
         result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, timeout=300,
                                 env={**os.environ, "COLUMNS": "400"})

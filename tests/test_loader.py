@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.loader import BatchLoader, batch_loader, class_balanced_weights, sequential_batches, weighted_batches
-from pipeline.runner import Pipeline
-from pipeline.training import Mixup, lr_multiplier
-from pipeline.waveform_store import WaveformStore
-from stages import build_stages
+from kdpipe.config import load_config
+from kdpipe.loader import BatchLoader, batch_loader, class_balanced_weights, sequential_batches, weighted_batches
+from kdpipe.runner import Pipeline
+from kdpipe.training import Mixup, lr_multiplier
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import build_stages
 
 
 @pytest.fixture(scope="module")

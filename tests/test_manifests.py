@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.config import DataConfig, SourceConfig
-from pipeline.errors import ConfigError, KdpipeError
-from pipeline.manifests import (
+from kdpipe.config import DataConfig, SourceConfig
+from kdpipe.errors import ConfigError, KdpipeError
+from kdpipe.manifests import (
     index_audio_folder,
     load_clips,
     read_audioset_segments,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
 
-from pipeline.metrics import average_precision, d_prime, lwlrap, roc_auc, tagging_metrics
+from kdpipe.metrics import average_precision, d_prime, lwlrap, roc_auc, tagging_metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

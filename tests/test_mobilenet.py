@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models.complexity import count_macs
-from pipeline.models.mobilenet import NAME_TO_WIDTH, MobileNetV3, block_configs, make_divisible
+from kdpipe.models.complexity import count_macs
+from kdpipe.models.mobilenet import NAME_TO_WIDTH, MobileNetV3, block_configs, make_divisible
 
 # EfficientAT's table: name, width, stem, last-conv out (embedding), MLP hidden, params (M), MACs @ 128x1000 (G).
 SIZE_TABLE = [

@@ -4,12 +4,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.errors import KdpipeError
-from pipeline.models import create_model, list_models, load_checkpoint, read_state_dict
-from pipeline.models.ast import AST
-from pipeline.models.mobilenet import MobileNetV3
-from pipeline.models.passt import PaSST
+from kdpipe.cli import app
+from kdpipe.errors import KdpipeError
+from kdpipe.models import create_model, list_models, load_checkpoint, read_state_dict
+from kdpipe.models.ast import AST
+from kdpipe.models.mobilenet import MobileNetV3
+from kdpipe.models.passt import PaSST
 
 
 def test_every_name_builds_the_right_family():

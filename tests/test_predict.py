@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.frontends import build_frontend
-from pipeline.manifests import ClassList
-from pipeline.predict import predict_file, window_starts, write_windows_csv
-from pipeline.tagger import Tagger, load_tagger
-from pipeline.waveform_store import WaveformStore
+from kdpipe.cli import app
+from kdpipe.frontends import build_frontend
+from kdpipe.manifests import ClassList
+from kdpipe.predict import predict_file, window_starts, write_windows_csv
+from kdpipe.tagger import Tagger, load_tagger
+from kdpipe.waveform_store import WaveformStore
 from test_audio_io import tone
 
 RATE = 32000

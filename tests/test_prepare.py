@@ -14,13 +14,13 @@ import pytest
 import soundfile as sf
 import zarr
 
-from pipeline.config import load_config
-from pipeline.demo_data import write_demo_dataset
-from pipeline.errors import KdpipeError
-from pipeline.manifests import read_class_list
-from pipeline.runner import Pipeline
-from pipeline.waveform_store import WaveformStore
-from stages import build_stages
+from kdpipe.config import load_config
+from kdpipe.demo_data import write_demo_dataset
+from kdpipe.errors import KdpipeError
+from kdpipe.manifests import read_class_list
+from kdpipe.runner import Pipeline
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import build_stages
 
 SR = 32000
 
@@ -204,7 +204,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
               "--set=data.clip_seconds=1.0", "--set=prepare.shard_clips=2", "--set=prepare.workers=1",
               "--set=prepare.min_seconds=0.5"]
     killed_cache, clean_cache = tmp_path / "killed", tmp_path / "clean"
-    command = [sys.executable, "-m", "pipeline", "prepare", *common]
+    command = [sys.executable, "-m", "kdpipe", "prepare", *common]
     process = subprocess.Popen([*command, f"--set=cache_dir={killed_cache}"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

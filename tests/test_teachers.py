@@ -7,9 +7,9 @@ no init) and for real only where tensors must round-trip; only tiny models run f
 import pytest
 import torch
 
-from pipeline.models.ast import AST, AST_CONFIGS, infer_ast_config, strip_module_prefix
-from pipeline.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
-from pipeline.models.windowing import windowed_forward
+from kdpipe.models.ast import AST, AST_CONFIGS, infer_ast_config, strip_module_prefix
+from kdpipe.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
+from kdpipe.models.windowing import windowed_forward
 
 
 def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

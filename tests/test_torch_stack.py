@@ -15,7 +15,7 @@ import scipy.signal
 import torch
 from packaging.requirements import Requirement
 
-from pipeline import frontends, torch_stack
+from kdpipe import frontends, torch_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def fake_broken_torchaudio(root: Path) -> Path:
 
 def kdpipe(args: list[str], cwd: Path, python_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_path), str(ROOT)]), "COLUMNS": "500"}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdpipe", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

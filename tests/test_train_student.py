@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from pipeline import training
-from pipeline.cli import app
-from pipeline.collaborative import StudentGroup, collaborative_loss, mutual_term
-from pipeline.distributed import Ranks, shard
-from pipeline.frontends import build_frontend
-from pipeline.config import load_config
-from pipeline.models import create_model, load_checkpoint
-from pipeline.runner import Pipeline
-from pipeline.training import Mixup
-from stages import build_stages
-from stages.train_student import build_student, kd_loss, trained_student
+from kdpipe import training
+from kdpipe.cli import app
+from kdpipe.collaborative import StudentGroup, collaborative_loss, mutual_term
+from kdpipe.distributed import Ranks, shard
+from kdpipe.frontends import build_frontend
+from kdpipe.config import load_config
+from kdpipe.models import create_model, load_checkpoint
+from kdpipe.runner import Pipeline
+from kdpipe.training import Mixup
+from kdpipe.stages import build_stages
+from kdpipe.stages.train_student import build_student, kd_loss, trained_student
 
 
 def test_kd_loss_follows_efficientat_semantics():
@@ -125,7 +125,7 @@ def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, tmp_path):
     make(small_demo, tmp_path / "killed").ensure("extract-teachers")  # upstream built once, copied below
     shutil.copytree(tmp_path / "killed", tmp_path / "clean")
     common = ["student.epochs=4", "student.epoch_samples=24", "student.batch_size=2"]
-    command = lambda cache: [sys.executable, "-m", "pipeline", "train-student",  # noqa: E731
+    command = lambda cache: [sys.executable, "-m", "kdpipe", "train-student",  # noqa: E731
                              *[f"--set={item}" for item in settings(small_demo, cache, *common)]]
     process = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -186,7 +186,7 @@ def test_two_gloo_ranks_train_like_one_process_with_their_combined_batch(small_d
     common = ("student.arch=ast_tiny", "student.mixup_alpha=0", "student.epochs=2", "device=cpu")
     single = make(small_demo, tmp_path, *common, "student.batch_size=8")
     single_out = single.ensure("train-student")
-    command = [sys.executable, "-m", "pipeline", "train-student", "--gpus", "2",
+    command = [sys.executable, "-m", "kdpipe", "train-student", "--gpus", "2",
                *[f"--set={item}" for item in settings(small_demo, tmp_path, *common, "student.batch_size=4")]]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

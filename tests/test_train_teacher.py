@@ -7,13 +7,13 @@ import torch
 from sklearn.metrics import average_precision_score
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.frontends import build_frontend
-from pipeline.models import create_model, load_checkpoint
-from pipeline.runner import Pipeline
-from pipeline.waveform_store import WaveformStore
-from stages import build_stages
+from kdpipe.cli import app
+from kdpipe.config import load_config
+from kdpipe.frontends import build_frontend
+from kdpipe.models import create_model, load_checkpoint
+from kdpipe.runner import Pipeline
+from kdpipe.waveform_store import WaveformStore
+from kdpipe.stages import build_stages
 
 
 def settings(small_demo, cache, *extra):

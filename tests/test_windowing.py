@@ -4,11 +4,11 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.extraction import Teacher, TeacherSpec
-from pipeline.frontends import build_frontend
-from pipeline.models import create_model
-from pipeline.models.windowing import clip_forward
+from kdpipe.cli import app
+from kdpipe.extraction import Teacher, TeacherSpec
+from kdpipe.frontends import build_frontend
+from kdpipe.models import create_model
+from kdpipe.models.windowing import clip_forward
 
 STORE_RATE = 32000
 

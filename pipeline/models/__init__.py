@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import KdpipeError
-from pipeline.models.ast import AST, AST_CONFIGS, infer_ast_config
-from pipeline.models.mobilenet import NAME_TO_WIDTH, MobileNetV3
-from pipeline.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
+from kdpipe.errors import KdpipeError
+from kdpipe.models.ast import AST, AST_CONFIGS, infer_ast_config
+from kdpipe.models.mobilenet import NAME_TO_WIDTH, MobileNetV3
+from kdpipe.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
 
 # Each entry is the class with its preset keyword arguments; any of them can be overridden.
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {

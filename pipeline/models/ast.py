@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.passt import PATCH_SIZE, PatchEmbed, init_vit_weights, patches, transformer_blocks
+from kdpipe.models.passt import PATCH_SIZE, PatchEmbed, init_vit_weights, patches, transformer_blocks
 
 # AudioSet fbank statistics from the AST recipe; AST divides by twice the std,
 # so norm_std here is 2 * 4.5689974: the frontend computes (fbank - norm_mean) / norm_std.
@@ -90,7 +90,7 @@ class AST(nn.Module):
         """(B, 1, F, T) fbank -> logits (B, C), or (logits, embedding (B, E))."""
         if tuple(x.shape[-2:]) != (self.input_fdim, self.input_tdim):
             raise ValueError(f"AST expects (B, 1, {self.input_fdim}, {self.input_tdim}), got {tuple(x.shape)}; "
-                             "pad shorter inputs in the frontend; pipeline.models.windowing covers longer ones")
+                             "pad shorter inputs in the frontend; kdpipe.models.windowing covers longer ones")
         v = self.v
         x = v.patch_embed(x).flatten(2).transpose(1, 2)  # frequency-major, as timm flattens (H=freq, W=time)
         tokens = torch.cat((v.cls_token, v.dist_token), dim=1).expand(x.shape[0], -1, -1)

@@ -127,7 +127,7 @@ def describe(model: nn.Module, seconds: float = 10.0) -> dict[str, Any]:
 
     Build the model under ``torch.device("meta")`` to get both without allocating weights.
     """
-    from pipeline.frontends import frames_for
+    from kdpipe.frontends import frames_for
 
     config = model.frontend_config
     frames = min(frames_for(seconds, config), getattr(model, "max_frames", math.inf))

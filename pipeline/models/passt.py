@@ -6,7 +6,7 @@ ViT blocks and init).
 Input: (batch, 1, 128 mel, frames) from PaSST's mel frontend (32 kHz, hop 320,
 (logmel + 4.5) / 5). Differences from the published code, all deliberate:
 inputs with more time patches than the time embedding raise instead of being
-cut (pipeline.models.windowing covers long clips); patchout always keeps at least one row/column.
+cut (kdpipe.models.windowing covers long clips); patchout always keeps at least one row/column.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class PaSST(nn.Module):
             raise ValueError(f"input gives {f} frequency patches, the model has {f_grid}: wrong number of mel bins")
         if t > t_grid:
             raise ValueError(f"input of {t} time patches exceeds the model's {t_grid} ({self.max_frames} frames); "
-                             "pipeline.models.windowing covers longer clips")
+                             "kdpipe.models.windowing covers longer clips")
         # A shorter input uses a slice of the time embedding: a random one in training, the first at eval.
         offset = int(torch.randint(0, t_grid - t + 1, ())) if self.training else 0
         x = x + self.time_new_pos_embed[..., offset : offset + t] + self.freq_new_pos_embed

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from kdpipe.config import Config
 
 
 def window_starts(frames: int, window: int, hop: int | None = None, pad: bool = True) -> list[int]:
@@ -70,7 +70,7 @@ def clip_forward(model: nn.Module, features: torch.Tensor, max_frames: int | Non
 
 def coverage(model: nn.Module, frontend_config: dict[str, Any], clip_seconds: float) -> str | None:
     """How a clip of `clip_seconds` reaches `model`, when it takes less than the whole clip at once."""
-    from pipeline.frontends import frames_for
+    from kdpipe.frontends import frames_for
 
     max_frames = getattr(model, "max_frames", None)
     frames = frames_for(clip_seconds, frontend_config)
@@ -92,8 +92,8 @@ def coverage_notes(config: Config) -> list[str]:
     Sizing a frontend needs torchaudio; where it cannot load, there are no notes (the commands
     that compute features say why), so these two commands keep answering.
     """
-    from pipeline import torch_stack
-    from pipeline.models import create_model
+    from kdpipe import torch_stack
+    from kdpipe.models import create_model
 
     entries = [(f"teacher {t.label}", t.arch, dict(t.options), dict(t.frontend)) for t in config.teachers if t.arch]
     entries.append(("student", config.student.arch, dict(config.student.options), {}))
