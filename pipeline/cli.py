@@ -434,7 +434,11 @@ def status(config: ConfigOption = None, set_: SetOption = None,
     """One row per stage: fresh, stale (and what changed) or missing; then how clips reach each model."""
     from kdpipe.models.windowing import coverage_notes
 
+    from kdpipe.manifests import load_clips
+
     pipeline = make_pipeline(resolve_config(config, set_))
+    if pipeline.config.data.sources:
+        load_clips(pipeline.config.data)  # a malformed manifest is found here, not hours into prepare
     if verify_:
         _print_verdicts(pipeline.verify())
     table = Table("stage", "state", "key", "why")

@@ -125,3 +125,15 @@ def test_duplicate_clip_ids_across_sources(tmp_path):
 def test_class_list_defaults_to_sorted_labels(small_demo, tmp_path):
     classes, clips = load_clips(DataConfig(sources=[SourceConfig(path=small_demo.manifest)]))
     assert list(classes.names) == sorted({label for clip in clips for label in clip.labels})
+
+
+def test_status_finds_a_malformed_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("clip_id,path,labels,split\na,a.wav,x,train\nb,b.wav\n")
+    result = CliRunner().invoke(app, ["status", "--set", f"data.sources.0.path={manifest}",
+                                      "--set", f"cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 2 and "line 3: 2 fields where the header has 4" in " ".join(result.output.split())
