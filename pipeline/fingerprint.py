@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import inspect
 import json
 import textwrap
@@ -34,12 +35,55 @@ def sha256_text(text: str) -> str:
 
 
 def source_hash(objects: tuple[ModuleType | Any, ...]) -> str:
-    """Hash of the code of modules or functions: what a stage's outputs depend on.
+    """Hash of the code of modules or functions (and the kdpipe modules they import): what a stage's outputs
+    depend on.
 
     Comments, docstrings and layout are left out, so rewording or reformatting the library
     (or upgrading to a release that only did that) does not rebuild days of training.
     """
-    return sha256_text("\n".join(code_only(inspect.getsource(obj)) for obj in objects))
+    return sha256_text("\n".join(code_only(inspect.getsource(obj)) for obj in code_closure(objects)))
+
+
+# Modules that never shape a stage's outputs: what is printed, how processes start, and the
+# stage machinery itself (settings reach keys as parameters, not as the code that reads them).
+NOT_RESULTS = frozenset({"kdpipe.cli", "kdpipe.console", "kdpipe.torch_stack", "kdpipe.processes", "kdpipe.config",
+                         "kdpipe.stage", "kdpipe.runner", "kdpipe.cache", "kdpipe.fingerprint", "kdpipe.verify",
+                         "kdpipe.errors", "kdpipe.stages"})
+
+
+def code_closure(objects: tuple[ModuleType | Any, ...]) -> tuple[ModuleType | Any, ...]:
+    """`objects` plus every kdpipe module they import, transitively (a stage's code, derived).
+
+    The modules of listed functions are followed for their imports but not hashed whole (the
+    functions stand for them), so a stage module holding two stages keys each on its own code.
+    """
+    functions_from = {inspect.getmodule(obj) for obj in objects if not inspect.ismodule(obj)}
+    todo = [obj for obj in objects if inspect.ismodule(obj)] + list(functions_from)
+    seen: dict[str, ModuleType] = {}
+    while todo:
+        module = todo.pop()
+        if module.__name__ in seen or module.__name__ in NOT_RESULTS:
+            continue
+        seen[module.__name__] = module
+        todo.extend(importlib.import_module(name) for name in kdpipe_imports(module) if name not in seen)
+    derived = [module for name, module in sorted(seen.items())
+               if module not in functions_from and module not in objects and name not in NOT_RESULTS]
+    return (*objects, *derived)
+
+
+def kdpipe_imports(module: ModuleType) -> set[str]:
+    """Names of the kdpipe modules `module` imports anywhere in its source (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "kdpipe")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "kdpipe":
+            parent = importlib.import_module(node.module)
+            for alias in node.names:
+                imported = getattr(parent, alias.name, None)
+                found.add(imported.__name__ if inspect.ismodule(imported) else node.module)
+    found.discard("kdpipe")  # the package's __init__ holds only its version and lazy names
+    return found
 
 
 def code_only(source: str) -> str:
