@@ -8,6 +8,7 @@ multi-GB checkpoints then costs a stat, not a re-hash.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
@@ -74,7 +75,7 @@ def code_closure(objects: tuple[ModuleType | Any, ...]) -> tuple[ModuleType | An
 def kdpipe_imports(module: ModuleType) -> set[str]:
     """Names of the kdpipe modules `module` imports anywhere in its source (also inside functions)."""
     found = set()
-    for node in ast.walk(ast.parse(inspect.getsource(module))):
+    for node in _import_nodes(inspect.getsource(module)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "kdpipe")
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "kdpipe":
@@ -86,6 +87,12 @@ def kdpipe_imports(module: ModuleType) -> set[str]:
     return found
 
 
+@functools.lru_cache(maxsize=256)
+def _import_nodes(source: str) -> tuple[ast.Import | ast.ImportFrom, ...]:
+    return tuple(node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+@functools.lru_cache(maxsize=512)
 def code_only(source: str) -> str:
     """Python source reduced to its code: parsed, bare string statements dropped, printed back."""
     tree = _DropBareStrings().visit(ast.parse(textwrap.dedent(source)))
