@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import atomic, console
-from kdpipe.errors import LockBusy
+from kdpipe.errors import ConfigError, LockBusy
 
 RECORD = "record.json"
 RECORD_FIELDS = ("stage", "key", "components", "finished", "outputs")
@@ -34,6 +34,17 @@ LATEST = "latest"
 class StageCache:
     def __init__(self, root: Path):
         self.root = root
+
+    def check_writable(self) -> None:
+        """Create the cache folder and write a probe in it: an unusable `cache_dir` fails here, naming the key."""
+        probe = self.root / f".probe.{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cache_dir: {self.root} cannot be used ({exc.strerror or exc}); "
+                              "choose a folder kdpipe can create and write, e.g. --set cache_dir=PATH") from None
 
     def entry_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key

@@ -93,7 +93,9 @@ def resolve_config(path: Path | None, overrides: list[str] | None, flags: dict[s
 def make_pipeline(config: Config) -> Pipeline:
     from kdpipe.stages import build_stages
 
-    return Pipeline(build_stages(config), config)
+    pipeline = Pipeline(build_stages(config), config)
+    pipeline.cache.check_writable()
+    return pipeline
 
 
 def referenced_entries(config: Config) -> set[tuple[str, str]]:
