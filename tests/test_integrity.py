@@ -72,6 +72,9 @@ def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_de
     touched = {p for p, mtime in before.items() if p.stat().st_mtime_ns != mtime}
     assert touched == {shard_files[3]}  # the intact shards were not rewritten (and the missing one came back)
     assert shard_files[1].is_file() and find_damage(store_path) == []
+    (store_path / "status" / "c" / "1").unlink()  # a lost status chunk no longer drops clips silently
+    with pytest.raises(DamagedStore, match="status rows 4-7 are missing"):
+        WaveformStore.open(store_path)
 
 
 def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, tmp_path):
@@ -88,10 +91,14 @@ def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, 
 
 def test_an_ensemble_never_takes_a_lost_teacher_chunk_for_no_teacher(small_demo, tmp_path):
     pipeline = make(small_demo, tmp_path)
+    combined = pipeline.ensure("extract-teachers") / "teachers.zarr"
+    (combined / "ensemble" / "logits" / "c" / "2" / "0").unlink()  # rows 16-23 of the ensemble
+    with pytest.raises(DamagedStore, match=r"ensemble/logits rows 16-23 are missing"):
+        pipeline.ensure("train-student")
     logits_path = pipeline.ensure("extract/mn_tiny") / "logits.zarr"
-    (logits_path / "logits" / "c" / "1" / "0").unlink()  # rows 8-15
+    (logits_path / "logits" / "c" / "1" / "0").unlink()  # rows 8-15 of the teacher
     with pytest.raises(DamagedStore, match=r"logits rows 8-15 are missing"):
-        pipeline.ensure("extract-teachers")
+        pipeline.ensure("extract-teachers", force=True)
     teacher = TeacherLogits.create(tmp_path / "t.zarr", 4, 3, 4, "float32", {})
     teacher.write_chunk(0, np.array([[1, 2, 3], [np.nan] * 3, [1, 1, 1], [0, 0, 0]], dtype=np.float32))
     decoded = np.array([True, True, True, False])
