@@ -58,7 +58,7 @@ def naive_logits(model: torch.nn.Module, frontend: torch.nn.Module, wave: np.nda
     """The reference repos' way: one clip, fp32, features computed on the CPU, then the model on the device."""
     with torch.no_grad():
         features = frontend(torch.from_numpy(wave[None]).float() / 32768.0).to(device)
-        clip_forward(model, features, getattr(model, "max_frames", None))
+        clip_forward(model, features)
 
 
 def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device: torch.device,

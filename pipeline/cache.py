@@ -49,6 +49,10 @@ class StageCache:
     def entry_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def lock_path(self, stage: str, key: str) -> Path:
+        """The entry's lock file, beside its folder (it outlives a removed folder while held)."""
+        return self.root / stage / f"{key}.lock"
+
     def record(self, stage: str, key: str) -> dict[str, Any] | None:
         """The commit record of a finished build, or None if there is none.
 
@@ -92,7 +96,7 @@ class StageCache:
     @contextlib.contextmanager
     def lock(self, stage: str, key: str, wait: bool = True) -> Iterator[None]:
         """Exclusive per-entry lock (flock): a second builder waits, or fails naming the holder."""
-        path = self.root / stage / f"{key}.lock"
+        path = self.lock_path(stage, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+") as handle:
             try:
@@ -117,7 +121,7 @@ class StageCache:
     @contextlib.contextmanager
     def reading(self, stage: str, key: str) -> Iterator[None]:
         """A shared lock on an entry a build reads: `cache gc` (which needs it exclusively) leaves it alone."""
-        path = self.root / stage / f"{key}.lock"
+        path = self.lock_path(stage, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH)
@@ -129,7 +133,7 @@ class StageCache:
     @contextlib.contextmanager
     def claim(self, entry: CacheEntry) -> Iterator[str | None]:
         """Hold an entry exclusively if nobody builds or reads it: yields None then, else who holds it."""
-        path = entry.path.parent / f"{entry.key}.lock"
+        path = self.lock_path(entry.stage, entry.key)
         with open(path, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -156,7 +160,7 @@ class StageCache:
 
     def remove(self, entry: CacheEntry) -> None:
         shutil.rmtree(entry.path)
-        (entry.path.parent / f"{entry.key}.lock").unlink(missing_ok=True)
+        self.lock_path(entry.stage, entry.key).unlink(missing_ok=True)
         latest = entry.path.parent / LATEST
         if latest.is_file() and latest.read_text().strip() == entry.key:
             latest.unlink()

@@ -24,6 +24,7 @@ from kdpipe import console, torch_stack
 from kdpipe.config import Config, load_config
 from kdpipe.errors import ConfigError, KdpipeError, environment_error
 from kdpipe.runner import Pipeline
+from kdpipe.verify import Verdict
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -411,7 +412,7 @@ def verify(
     _print_verdicts(pipeline.verify([stage] if stage else None, mark=not dry_run))
 
 
-def _print_verdicts(verdicts: list) -> None:
+def _print_verdicts(verdicts: list[Verdict]) -> None:
     table = Table("stage", "key", "result", "problems")
     damaged = 0
     for verdict in verdicts:
@@ -434,9 +435,8 @@ def status(config: ConfigOption = None, set_: SetOption = None,
            verify_: Annotated[bool, typer.Option("--verify", help="Also verify committed outputs "
                                                  "(as `kdpipe verify`) before reporting.")] = False) -> None:
     """One row per stage: fresh, stale (and what changed) or missing; then how clips reach each model."""
-    from kdpipe.models.windowing import coverage_notes
-
     from kdpipe.manifests import load_clips
+    from kdpipe.models.windowing import coverage_notes
 
     pipeline = make_pipeline(resolve_config(config, set_))
     if pipeline.config.data.sources:

@@ -66,10 +66,6 @@ class DamagedStore(KdpipeError):
         self.damage = damage
 
 
-def _arrays(group: zarr.Group) -> list[tuple[str, zarr.Array]]:
-    return sorted((name, member) for name, member in group.members(max_depth=None) if isinstance(member, zarr.Array))
-
-
 def _row_unit(array: zarr.Array) -> int:
     """Rows per chunk file: a shard when the array is sharded."""
     return (array.shards or array.chunks)[0]
@@ -81,29 +77,24 @@ def _chunk_files(root: Path, name: str, array: zarr.Array, unit: int) -> list[Pa
     return [root / name / "c" / "/".join(map(str, (unit, *rest))) for rest in itertools.product(*grid)]
 
 
-def written_units(group: zarr.Group, name: str) -> np.ndarray:
-    """Which row units of array `name` hold written data."""
-    array = group[name]
-    units = math.ceil(array.shape[0] / _row_unit(array))
-    if name in group.attrs.get("unit_arrays", ()):
-        return np.asarray(group[DONE][:], dtype=bool)[:units]
-    return np.ones(units, dtype=bool)
-
-
 def find_damage(path: Path, decode: bool = True) -> list[Damage]:
     """Missing chunk files where data was written, and (with `decode`) chunks failing their checksum."""
     group = zarr.open_group(path, mode="r")
+    unit_arrays = set(group.attrs.get("unit_arrays", ()))
     found: list[Damage] = []
-    arrays = _arrays(group)
-    if DONE in dict(arrays):  # the flags come first: every other array's units are read off them
-        arrays = [(DONE, group[DONE])] + [(n, a) for n, a in arrays if n != DONE]
-    for name, array in arrays:
-        unit = _row_unit(array)
+    flags = None  # which units of the unit-written arrays hold data; None: unknown, check them all
+    if unit_arrays:
         try:
-            written = written_units(group, name)
+            flags = np.asarray(group[DONE][:], dtype=bool)
         except Exception as exc:  # noqa: BLE001 - the flags themselves are damaged
             found.append(Damage(path, DONE, 0, group[DONE].shape[0], f"do not decode ({exc})"))
-            written = np.ones(math.ceil(array.shape[0] / unit), dtype=bool)
+    for name, array in sorted((name, member) for name, member in group.members(max_depth=None)
+                              if isinstance(member, zarr.Array)):
+        if name == DONE and found:
+            continue  # already reported
+        unit = _row_unit(array)
+        units = math.ceil(array.shape[0] / unit)
+        written = flags[:units] if name in unit_arrays and flags is not None else np.ones(units, dtype=bool)
         for index in np.flatnonzero(written):
             start, stop = int(index) * unit, min((int(index) + 1) * unit, array.shape[0])
             if not all(file.is_file() for file in _chunk_files(path, name, array, int(index))):

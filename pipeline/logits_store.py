@@ -87,7 +87,6 @@ def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, Teacher
     logits, none): a NaN there is an error, never "no teacher", so a lost chunk cannot turn into
     clips without a KD target.
     """
-    store_paths = {name: store.path for name, store in teachers.items()}
     first = next(iter(teachers.values())).logits
     n_clips, n_classes = first.shape
     chunk = first.chunks[0]
@@ -104,7 +103,7 @@ def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, Teacher
         for name, values in block.items():
             missing = np.flatnonzero(expected[name][start:start + chunk] & ~np.isfinite(values).all(axis=1))
             if len(missing):
-                raise KdpipeError(f"{store_paths[name]}: rows {', '.join(str(start + r) for r in missing[:5])} "
+                raise KdpipeError(f"{teachers[name].path}: rows {', '.join(str(start + r) for r in missing[:5])} "
                                   f"should have teacher {name}'s logits and do not; run `kdpipe verify` and "
                                   "`kdpipe run` to rebuild them")
             copies[name][start:start + chunk] = values

@@ -49,7 +49,7 @@ class Tagger:
     def logits(self, waveforms: torch.Tensor) -> torch.Tensor:
         """(batch, samples) float waveforms in [-1, 1] -> (batch, classes) fp32 logits on the CPU."""
         features = self.frontend(waveforms.to(self.device).float())
-        return clip_forward(self.model, features, getattr(self.model, "max_frames", None)).float().cpu()
+        return clip_forward(self.model, features).float().cpu()
 
 
 def load_tagger(pipeline: Pipeline, model: str = STUDENT, arch: str | None = None,

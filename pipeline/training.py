@@ -82,7 +82,7 @@ def predict(model: nn.Module, frontend: nn.Module, loader: BatchLoader, rows: np
     position = {row: i for i, row in enumerate(rows.tolist())}
     for waves, batch_rows in console.track(loader(batches), len(batches), description):
         features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
-        logits = clip_forward(model, features, getattr(model, "max_frames", None)).float().cpu().numpy()
+        logits = clip_forward(model, features).float().cpu().numpy()
         if outputs is None:
             outputs = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
         outputs[[position[r] for r in batch_rows.tolist()]] = logits

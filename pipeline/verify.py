@@ -29,7 +29,7 @@ class Verdict:
     stage: str
     key: str
     problems: tuple[str, ...]
-    action: str  # "ok", "marked (n units to rebuild)", "removed", "skipped: ...", "not built"
+    action: str  # "ok", "marked: n damaged unit(s) ...", "removed: ...", "skipped: ...", "not built"
     bytes_checked: int
     seconds: float
 

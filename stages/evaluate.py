@@ -118,8 +118,8 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
         result = evaluate.score(f"{model_id}_{member}" if member else model_id, named, "student",
                                 f"{arch}, {member}" if member else arch, targets, logits)
         result.footprint = evaluate.measure_footprint(
-            model, lambda waves: clip_forward(model, frontend(waves.to(device).float() / 32768.0),
-                                              getattr(model, "max_frames", None)), config.data.clip_seconds,
+            model, lambda waves: clip_forward(model, frontend(waves.to(device).float() / 32768.0)),
+            config.data.clip_seconds,
             store.clip_samples, config.evaluation.batch_size, device)
         result.history = evaluate.read_history(folder / "metrics.jsonl", member)
         results.append(result)

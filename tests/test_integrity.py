@@ -77,16 +77,19 @@ def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_de
         WaveformStore.open(store_path)
 
 
-def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, tmp_path):
-    pipeline = make(small_demo, tmp_path, "student.kd.enabled=false")
+@pytest.mark.parametrize("workers", [0, 1])  # read in this process, or in a loader worker that re-raises
+def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, tmp_path, workers):
+    pipeline = make(small_demo, tmp_path, "student.kd.enabled=false", f"student.num_workers={workers}")
     store_path = pipeline.ensure("prepare") / "waveforms.zarr"
     shards = sorted(p for p in (store_path / "waveform" / "c").rglob("*") if p.is_file())
     flip_bytes(shards[0], offset=100, count=4000)
-    with pytest.raises(KdpipeError, match=r"waveforms.zarr: waveform rows \d+-\d+ fail their checksum"):
+    with pytest.raises(KdpipeError, match=r"^damaged data: \S+waveforms.zarr: waveform rows \d+-\d+ fail their "
+                       r"checksum\. Run `kdpipe verify`"):  # one line, also from a worker
         pipeline.ensure("train-student")
     (store_path / "labels" / "c" / "1" / "0").unlink()
     with pytest.raises(DamagedStore, match="labels rows 4-7 are missing"):
-        make(small_demo, tmp_path, "student.kd.enabled=false", "student.seed=5").ensure("train-student")
+        make(small_demo, tmp_path, "student.kd.enabled=false", f"student.num_workers={workers}",
+             "student.seed=5").ensure("train-student")
 
 
 def test_an_ensemble_never_takes_a_lost_teacher_chunk_for_no_teacher(small_demo, tmp_path):

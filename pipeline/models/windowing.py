@@ -57,12 +57,13 @@ def windowed_forward(
     return (logits.view(len(starts), x.shape[0], -1).mean(0), embedding.view(len(starts), x.shape[0], -1).mean(0))
 
 
-def clip_forward(model: nn.Module, features: torch.Tensor, max_frames: int | None) -> torch.Tensor:
+def clip_forward(model: nn.Module, features: torch.Tensor, max_frames: int | None = None) -> torch.Tensor:
     """Logits of whole clips: `model(features)`, windowed when the clips are longer than `max_frames`.
 
-    `max_frames` is passed rather than read from `model` because a wrapped model (DDP,
-    torch.compile) does not carry its module's attributes; None means any length.
+    `max_frames` defaults to the model's own; pass it for a wrapped model (DDP, torch.compile),
+    which does not carry its module's attributes. A model without one takes any length.
     """
+    max_frames = max_frames or getattr(model, "max_frames", None)
     if max_frames is not None and features.shape[-1] > max_frames:
         return windowed_forward(model, features, window_frames=max_frames)
     return model(features)
