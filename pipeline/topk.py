@@ -1,0 +1,133 @@
+"""Top-k storage of per-view teacher logits (issue 15), after CED.
+
+With K views per clip the ensemble's targets grow K-fold: AudioSet's 2 M clips
+x 40 views x 527 classes is 84 GB at float16. CED keeps the k = 20 largest
+outputs of each view (float16 values, int16 class indexes) and rebuilds the
+527-dim target from them when training; the other 507 classes of a confident
+ensemble carry almost nothing. `storage_per_clip` gives the figures.
+
+kdpipe stores logits where CED stores probabilities (its teachers end in a
+sigmoid and the ensemble averages probabilities), so CED's fill rules, which
+say what probability the classes that were not kept get, are applied here in
+logit space. `expand_topk(fill=...)`:
+
+- "zero" (default): probability ~0, CED's rule in practice: its training
+  configs leave `label_type` at TrainConfig's default "zero" (targets.zeros,
+  then the kept values scattered in; RicherMans/CED utils.py, dataset.py).
+  A logit cannot be -inf here (kdpipe marks a row with a non-finite logit as
+  having no teacher), so the fill is ABSENT_LOGIT = logit(1e-7) ~ -16.1 (the
+  floor the probability-mode ensemble clips to), or the smallest kept logit if
+  that is lower, so a class that was not kept never outranks one that was.
+  The KD target is sigmoid(logit / T): at T = 2 the fill means ~3e-4.
+- "last_mean": CED's LogitsReader default: the smallest kept probability,
+  spread evenly over the C - k classes not kept, p = sigmoid(min) / (C - k),
+  stored as its logit. It keeps some mass on the tail.
+- "min": the smallest kept logit, an upper bound on every class not kept
+  (a class not kept scored at most that), so a loose one.
+
+With k = C nothing is filled and the round trip is exact at float32. A row
+that holds any non-finite logit (NaN where the stores were never written) is
+absent: kept as NaN values with index -1, expanded back to a NaN row.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+Fill = Literal["zero", "last_mean", "min"]
+
+ABSENT_LOGIT = float(np.log(1e-7) - np.log1p(-1e-7))  # logit of probability 1e-7, ~ -16.118
+INDEX_DTYPE = np.int16  # class indexes as CED stores them: up to 32768 classes
+_VALUE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+class Storage(NamedTuple):
+    """Bytes per clip of K views' targets, uncompressed."""
+
+    full: int  # every class of every view
+    topk: int  # k values and k int16 indexes per view
+
+
+def _value_dtype(dtype: np.dtype | type | str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in _VALUE_DTYPES:
+        raise ValueError(f"values are stored as float16 or float32, not {dtype}")
+    return dtype
+
+
+def keep_topk(logits: np.ndarray, k: int, dtype: np.dtype | type | str = np.float16
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest logits of each (..., C) row, largest first, and their int16 class indexes.
+
+    Equal logits are kept lowest class index first, so ties are decided the
+    same way everywhere. Values are cast to `dtype` (float16, CED's choice, or
+    float32) after choosing; a kept logit beyond its range is an error.
+    """
+    logits = np.asarray(logits)
+    dtype = _value_dtype(dtype)
+    n_classes = logits.shape[-1]
+    if n_classes > np.iinfo(INDEX_DTYPE).max + 1:
+        raise ValueError(f"{n_classes} classes do not fit int16 indexes")
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"k must be in [1, {n_classes}], got {k}")
+    order = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+    with np.errstate(over="ignore"):  # an overflow is reported below, for present rows only
+        values = np.take_along_axis(logits, order, axis=-1).astype(dtype)
+    indexes = order.astype(INDEX_DTYPE)
+    absent = ~np.isfinite(logits).all(axis=-1)
+    if not np.isfinite(values[~absent]).all():
+        raise ValueError(f"a kept logit does not fit {dtype}")
+    values[absent] = np.nan
+    indexes[absent] = -1
+    return values, indexes
+
+
+def expand_topk(values: np.ndarray, indexes: np.ndarray, n_classes: int, fill: Fill = "zero") -> np.ndarray:
+    """Dense (..., n_classes) float32 logits: the kept values at their indexes, `fill`'s rule elsewhere.
+
+    The rules are in the module docstring; a row with a non-finite value is absent and comes back as NaN.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    indexes = np.asarray(indexes)
+    if values.shape != indexes.shape:
+        raise ValueError(f"values {values.shape} and indexes {indexes.shape} differ in shape")
+    k = values.shape[-1]
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"{k} kept classes do not fit {n_classes} classes")
+    present = np.isfinite(values).all(axis=-1)
+    kept = indexes[present]
+    if kept.size and (kept.min() < 0 or kept.max() >= n_classes):
+        raise ValueError(f"class indexes must be in [0, {n_classes})")
+
+    smallest = values.min(axis=-1).astype(np.float64)
+    spread = n_classes - k
+    if fill == "zero":
+        fill_value = np.minimum(smallest, ABSENT_LOGIT)
+    elif fill == "last_mean" and spread > 1:
+        # logit(sigmoid(m) / D) = log sigmoid(m) - log(D - sigmoid(m)), stable for any m
+        log_sigmoid = -np.logaddexp(0.0, -smallest)
+        fill_value = log_sigmoid - np.log(spread - np.exp(log_sigmoid))
+    elif fill in ("last_mean", "min"):  # last_mean with D = 1 is m itself; with k = C nothing is filled
+        fill_value = smallest
+    else:
+        raise ValueError(f"unknown fill rule {fill!r}; one of zero, last_mean, min")
+
+    out = np.empty(values.shape[:-1] + (n_classes,), dtype=np.float32)
+    out[...] = fill_value[..., None]
+    targets = np.where(present[..., None], indexes, np.arange(k)).astype(np.intp)
+    np.put_along_axis(out, targets, values, axis=-1)
+    out[~present] = np.nan
+    return out
+
+
+def storage_per_clip(views: int, classes: int, k: int, dtype: np.dtype | type | str = np.float16) -> Storage:
+    """Bytes per clip for K views of C classes: all of them, or the top k with int16 indexes.
+
+    Nothing else is stored per view: a view's augmentation follows from its row,
+    index and view_seed (kdpipe.views), where CED stores a 4-byte seed per view.
+    """
+    value_bytes = _value_dtype(dtype).itemsize
+    index_bytes = np.dtype(INDEX_DTYPE).itemsize
+    return Storage(full=views * classes * value_bytes, topk=views * k * (value_bytes + index_bytes))
