@@ -21,12 +21,12 @@ import soundfile
 import torch
 
 from kdpipe import console
+from kdpipe.classes import ClassList
 from kdpipe.errors import KdpipeError
 from kdpipe.extraction import Teacher, TeacherSpec, extract_local
 from kdpipe.frontends import build_frontend
 from kdpipe.loader import BatchLoader, batch_loader, sequential_batches
 from kdpipe.logits_store import TeacherLogits
-from kdpipe.manifests import ClassList
 from kdpipe.models import create_model
 from kdpipe.models.complexity import count_macs
 from kdpipe.models.windowing import clip_forward

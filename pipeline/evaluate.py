@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kdpipe.bench import inference_clips_per_second
-from kdpipe.manifests import ClassList
+from kdpipe.classes import ClassList
 from kdpipe.metrics import average_precision, lwlrap, tagging_metrics
 from kdpipe.models.complexity import describe
 

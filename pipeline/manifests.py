@@ -17,27 +17,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdpipe.classes import ClassList, read_class_list
 from kdpipe.config import DataConfig, SourceConfig
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.hdf5_source import read_hdf5_index
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".webm")
 LABEL_SEPARATOR = ";"
-
-
-@dataclass(frozen=True)
-class ClassList:
-    mids: tuple[str, ...]
-    names: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.mids)
-
-    def lookup(self) -> dict[str, int]:
-        """Label (mid or display name) -> class index."""
-        table = {name: i for i, name in enumerate(self.names)}
-        table.update({mid: i for i, mid in enumerate(self.mids)})
-        return table
 
 
 @dataclass(frozen=True)
@@ -50,18 +36,6 @@ class Clip:
     start: float | None = None
     end: float | None = None
     hdf5_row: int | None = None
-
-
-def read_class_list(path: Path) -> ClassList:
-    """AudioSet's `class_labels_indices.csv`: index, mid, display_name."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
-        raise KdpipeError(f"{path}: expected a class list with columns index,mid,display_name")
-    rows.sort(key=lambda row: int(row["index"]))
-    if [int(row["index"]) for row in rows] != list(range(len(rows))):
-        raise KdpipeError(f"{path}: class indices must run 0..{len(rows) - 1} without gaps")
-    return ClassList(tuple(row["mid"] for row in rows), tuple(row["display_name"] for row in rows))
 
 
 def read_csv_manifest(path: Path, default_split: str | None = None) -> list[Clip]:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from kdpipe.classes import ClassList
 from kdpipe.integrity import array_settings, check_written, read_rows
-from kdpipe.manifests import ClassList
 from kdpipe.zarr_groups import create_done_flags, open_group
 
 FORMAT = "kdpipe.waveforms/1"

@@ -11,9 +11,9 @@ import torch
 import zarr
 from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
 
+from kdpipe.classes import ClassList
 from kdpipe.config import load_config
 from kdpipe.evaluate import Evaluation, Footprint, combined_footprint, score, write_results
-from kdpipe.manifests import ClassList
 from kdpipe.models import create_model
 from kdpipe.report import write_report
 from kdpipe.waveform_store import WaveformStore

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from kdpipe.classes import ClassList
 from kdpipe.cli import app
 from kdpipe.frontends import build_frontend
-from kdpipe.manifests import ClassList
 from kdpipe.predict import predict_file, window_starts, write_windows_csv
 from kdpipe.tagger import Tagger, load_tagger
 from kdpipe.waveform_store import WaveformStore

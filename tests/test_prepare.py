@@ -14,10 +14,10 @@ import pytest
 import soundfile as sf
 import zarr
 
+from kdpipe.classes import read_class_list
 from kdpipe.config import load_config
 from kdpipe.demo_data import write_demo_dataset
 from kdpipe.errors import KdpipeError
-from kdpipe.manifests import read_class_list
 from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages import build_stages
