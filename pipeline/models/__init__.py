@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdpipe.errors import KdpipeError
-from kdpipe.models.ast import AST, AST_CONFIGS, infer_ast_config
+from kdpipe.models.ast import AST, AST_CONFIGS, infer_ast_config, strip_module_prefix
 from kdpipe.models.mobilenet import NAME_TO_WIDTH, MobileNetV3
 from kdpipe.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
 
@@ -100,7 +100,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KdpipeError(f"{path}: expected a state dict of tensors")
-    return {key.removeprefix("module."): value for key, value in state.items()}
+    return strip_module_prefix(state)
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:

@@ -16,12 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdpipe.models.passt import PATCH_SIZE, PatchEmbed, init_vit_weights, patches, transformer_blocks
-
-# AudioSet fbank statistics from the AST recipe; AST divides by twice the std,
-# so norm_std here is 2 * 4.5689974: the frontend computes (fbank - norm_mean) / norm_std.
-AST_NORM_MEAN = -4.2677393
-AST_NORM_STD = 2 * 4.5689974
+from kdpipe.frontends import AST_NORM_MEAN, AST_NORM_STD
+from kdpipe.models.vit import PATCH_SIZE, PatchEmbed, init_vit_weights, patches, transformer_blocks
 
 AST_CONFIGS: dict[str, dict] = {
     **{f"ast_{s}_{s}": {"fstride": s, "tstride": s} for s in (10, 12, 14, 16)},

@@ -1,8 +1,5 @@
 """PaSST teacher (Koutini et al., 2022) on timm `Block`s, state-dict compatible with the released `passt-s-*.pt`.
 
-Also holds the pieces the AST teacher shares with it (strided patch embedding,
-ViT blocks and init).
-
 Input: (batch, 1, 128 mel, frames) from PaSST's mel frontend (32 kHz, hop 320,
 (logmel + 4.5) / 5). Differences from the published code, all deliberate:
 inputs with more time patches than the time embedding raise instead of being
@@ -11,13 +8,10 @@ cut (kdpipe.models.windowing covers long clips); patchout always keeps at least 
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
-PATCH_SIZE = 16
+from kdpipe.models.vit import PATCH_SIZE, PatchEmbed, init_vit_weights, transformer_blocks
 
 # Constructor kwargs of the released AudioSet checkpoints (all 527 classes, 128 mel
 # bins, input_tdim 998 for 10 s). Patchout is AudioSet's training setting; it only
@@ -36,39 +30,6 @@ PASST_CONFIGS: dict[str, dict] = {
         "s_patchout_t": 4, "s_patchout_f": 1,
     },
 }
-
-
-class PatchEmbed(nn.Module):
-    """16x16 patches with a stride below 16 (overlapping), which timm's PatchEmbed cannot do."""
-
-    def __init__(self, embed_dim: int, fstride: int, tstride: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(1, embed_dim, kernel_size=PATCH_SIZE, stride=(fstride, tstride))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, F, T) -> (B, E, F patches, T patches)."""
-        return self.proj(x)
-
-
-def transformer_blocks(embed_dim: int, depth: int, num_heads: int) -> nn.Sequential:
-    """DeiT-B style pre-norm blocks; key names match both teachers' checkpoints."""
-    norm = partial(nn.LayerNorm, eps=1e-6)
-    return nn.Sequential(
-        *(Block(embed_dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth))
-    )
-
-
-def init_vit_weights(module: nn.Module) -> None:
-    """timm's ViT init for training from scratch (tiny models); checkpoints overwrite it."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def patches(length: int, stride: int) -> int:
-    """Number of 16-wide patches the strided conv produces along an axis of `length`."""
-    return (length - PATCH_SIZE) // stride + 1
 
 
 def _keep(n: int, drop: int) -> torch.Tensor:
