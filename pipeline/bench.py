@@ -24,7 +24,7 @@ from kdpipe import console
 from kdpipe.classes import ClassList
 from kdpipe.errors import KdpipeError
 from kdpipe.extraction import Teacher, TeacherSpec, extract_local
-from kdpipe.frontends import build_frontend
+from kdpipe.frontends import build_frontend, int16_to_float
 from kdpipe.loader import BatchLoader, batch_loader, sequential_batches
 from kdpipe.logits_store import TeacherLogits
 from kdpipe.models import create_model
@@ -57,7 +57,7 @@ def random_store(path: Path, clips: int, seconds: float, sample_rate: int, class
 def naive_logits(model: torch.nn.Module, frontend: torch.nn.Module, wave: np.ndarray, device: torch.device) -> None:
     """The reference repos' way: one clip, fp32, features computed on the CPU, then the model on the device."""
     with torch.no_grad():
-        features = frontend(torch.from_numpy(wave[None]).float() / 32768.0).to(device)
+        features = frontend(int16_to_float(torch.from_numpy(wave[None]))).to(device)
         clip_forward(model, features)
 
 
@@ -101,7 +101,7 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
             naive.append(len(rows) / (time.perf_counter() - started))
         peak_memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
-        frames = teacher.frontend(warm[:1].to(device).float() / 32768.0).shape
+        frames = teacher.frontend(int16_to_float(warm[:1].to(device))).shape
         with torch.device("meta"):
             meta = create_model(arch)
         macs = count_macs(meta, (1, 1, frames[-2], min(frames[-1], getattr(meta, "max_frames", frames[-1]))))
@@ -140,7 +140,7 @@ class _DecodingClips(torch.utils.data.Dataset):
         wave, _ = load_clip(self.paths[index], sample_rate=self.sample_rate, clip_samples=self.clip_samples,
                             min_seconds=0.0)
         with torch.no_grad():
-            return self.frontend.train()(torch.from_numpy(wave[None]).float() / 32768.0)[0]
+            return self.frontend.train()(int16_to_float(torch.from_numpy(wave[None])))[0]
 
 
 def prepared_demo(root: Path, clips: int, seconds: float) -> tuple[Path, list[Path]]:
@@ -189,7 +189,7 @@ def bench_loader(clips: int, seconds: float, batch_size: int, workers: int, devi
             waves = batch[0].to(device, non_blocking=True)
             if features:
                 with torch.no_grad():
-                    frontend(waves.float() / 32768.0)
+                    frontend(int16_to_float(waves))
             return len(waves)
 
         # What a training step waits for (int16 batches on the device), then with the device's features too:

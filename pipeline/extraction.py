@@ -23,7 +23,7 @@ from torch import nn
 from kdpipe import console
 from kdpipe.devices import resolve_precision
 from kdpipe.errors import KdpipeError
-from kdpipe.frontends import build_frontend
+from kdpipe.frontends import build_frontend, int16_to_float
 from kdpipe.loader import batch_loader, sequential_batches
 from kdpipe.logits_store import TeacherLogits
 from kdpipe.models import create_model
@@ -79,7 +79,7 @@ class Teacher:
             return self.logits(waves)
 
     def _forward(self, waves: torch.Tensor) -> torch.Tensor:
-        features = self.frontend(waves.to(self.device, non_blocking=True).float() / 32768.0)
+        features = self.frontend(int16_to_float(waves.to(self.device, non_blocking=True)))
         features = features.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = clip_forward(self.forward, features, getattr(self.model, "max_frames", None))

@@ -82,6 +82,12 @@ def resample(waveform: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
 CPU_SUB_BATCH = 4
 
 
+def int16_to_float(waves: torch.Tensor) -> torch.Tensor:
+    """Stored int16 waveforms as the float input frontends take, at the decoders' scale
+    (int16 / 32768, the inverse of `audio_io.to_int16`), so stored and decoded audio give the same features."""
+    return waves.float() / 32768.0
+
+
 class _Fp32Frontend(nn.Module):
     """Base: (batch, samples) float waveforms in, features out, computed in fp32."""
 

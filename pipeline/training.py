@@ -24,6 +24,7 @@ from kdpipe import atomic, console, distributed
 from kdpipe.devices import resolve_precision
 from kdpipe.distributed import SINGLE, Ranks
 from kdpipe.errors import KdpipeError
+from kdpipe.frontends import int16_to_float
 from kdpipe.loader import BatchLoader, sequential_batches, weighted_batches
 from kdpipe.metrics import tagging_metrics
 from kdpipe.models.windowing import clip_forward
@@ -81,7 +82,7 @@ def predict(model: nn.Module, frontend: nn.Module, loader: BatchLoader, rows: np
     outputs: np.ndarray | None = None
     position = {row: i for i, row in enumerate(rows.tolist())}
     for waves, batch_rows in console.track(loader(batches), len(batches), description):
-        features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
+        features = frontend(int16_to_float(waves.to(device, non_blocking=True)))
         logits = clip_forward(model, features).float().cpu().numpy()
         if outputs is None:
             outputs = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
@@ -160,7 +161,7 @@ def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Opt
     """
     device = labels.device
     rows = rows.to(device, non_blocking=True)
-    features = frontend(waves.to(device, non_blocking=True).float() / 32768.0)
+    features = frontend(int16_to_float(waves.to(device, non_blocking=True)))
     mixup = Mixup.draw(len(rows), mixup_alpha, rng, device) if mixup_alpha else None
     if mixup is not None:
         features = mixup.mix(features)

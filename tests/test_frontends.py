@@ -8,6 +8,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 
 from kdpipe import frontends
+from kdpipe.audio_io import to_int16
 from kdpipe.frontends import (
     FbankFrontend,
     LogStftFrontend,
@@ -15,6 +16,7 @@ from kdpipe.frontends import (
     MfccFrontend,
     build_frontend,
     frames_for,
+    int16_to_float,
 )
 
 
@@ -24,6 +26,14 @@ def clips(batch: int, seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
     t = np.arange(round(seconds * sr)) / sr
     x = 0.1 * rng.standard_normal((batch, t.size)) + 0.3 * np.sin(2 * np.pi * 440 * t)
     return torch.from_numpy(x.astype(np.float32))
+
+
+def test_int16_to_float_inverts_the_decoders_scale():
+    """Stored int16 reads back at audio_io.to_int16's scale: exact for 16-bit values, -32768 is -1.0."""
+    audio = np.array([0.0, 0.5, -1.0, 1000 / 32768, 32767 / 32768], np.float32)
+    back = int16_to_float(torch.from_numpy(to_int16(audio)))
+    assert back.dtype == torch.float32
+    np.testing.assert_array_equal(back.numpy(), audio)
 
 
 @pytest.fixture(scope="module")
