@@ -20,7 +20,7 @@ from distributed import (Client, LocalCluster, Nanny, NannyPlugin, Scheduler, Sp
                          get_worker)
 
 from kdpipe import console
-from kdpipe.extraction import Teacher, TeacherSpec, run_chunk
+from kdpipe.extraction import Teacher, TeacherSpec, run_chunk, valid_clips
 from kdpipe.logits_store import TeacherLogits
 from kdpipe.processes import die_with_parent
 from kdpipe.waveform_store import WaveformStore
@@ -116,8 +116,7 @@ def extract_dask(spec: TeacherSpec, store_path: Path, logits_path: Path, todo: l
                              resources=resources)
         with console.progress() as bar:
             task = bar.add_task(f"extract {spec.name} (dask, {len(client.scheduler_info()['workers'])} workers)",
-                                total=int(sum(valid[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()
-                                              for c in todo)))
+                                total=valid_clips(logits, todo, valid))
             ran = set()
             for future in as_completed(futures):
                 chunk, clips, device, precision = future.result()

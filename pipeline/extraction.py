@@ -11,7 +11,7 @@ a resumed or distributed extraction writes the same bytes as an uninterrupted on
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,11 @@ def chunk_batches(logits: TeacherLogits, chunk: int, valid: np.ndarray, batch_si
     return sequential_batches(rows[valid[rows]], batch_size)
 
 
+def valid_clips(logits: TeacherLogits, chunks: Iterable[int], valid: np.ndarray) -> int:
+    """The decodable clips (`valid` rows) in `chunks`: what computing them costs, for progress and clips/s."""
+    return sum(int(valid[rows.start:rows.stop].sum()) for rows in map(logits.chunk_rows, chunks))
+
+
 def run_chunk(teacher: Teacher, store: WaveformStore, logits: TeacherLogits, chunk: int, valid: np.ndarray,
               batch_size: int) -> int:
     """Compute and write one whole chunk (the dask task body); returns the clips computed."""
@@ -101,7 +106,7 @@ def run_chunk(teacher: Teacher, store: WaveformStore, logits: TeacherLogits, chu
         block[batch - rows.start] = teacher.logits(torch.from_numpy(store.read(batch))).cpu().numpy()
     check_finite(block, rows, valid, store, teacher.spec.name)
     logits.write_chunk(chunk, block)
-    return int(valid[rows.start:rows.stop].sum())
+    return valid_clips(logits, [chunk], valid)
 
 
 def extract_local(teacher: Teacher, store_path: Path, logits: TeacherLogits, todo: list[int], batch_size: int,
@@ -113,7 +118,7 @@ def extract_local(teacher: Teacher, store_path: Path, logits: TeacherLogits, tod
     loader = batch_loader(store_path, [batch for _chunk, batch in plan], num_workers=num_workers,
                           pin_memory=teacher.device.type == "cuda")
     started = time.perf_counter()
-    clips = sum(int(valid[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()) for c in todo)
+    clips = valid_clips(logits, todo, valid)
     with console.progress() as bar:
         task = bar.add_task(f"extract {teacher.spec.name}", total=clips)
         for chunk, block in _chunks(teacher, logits, todo, plan, loader, bar, task):
