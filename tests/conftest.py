@@ -12,6 +12,8 @@ from kdpipe.models import create_model
 from kdpipe.runner import Pipeline
 from kdpipe.stages import build_stages
 
+from helpers import STUDENT_RUN, settings
+
 AUDIOSET_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "audioset"
 
 
@@ -45,13 +47,11 @@ class TrainedRun:
 def trained_run(small_demo, tmp_path_factory) -> TrainedRun:
     """small_demo with a one-epoch no-KD student built; teacher passt_tiny has a checkpoint file,
     teacher mn_tiny (trained by train-teacher) is never built."""
-    from test_train_student import settings
-
     root = tmp_path_factory.mktemp("trained_run")
     checkpoint = root / "passt_tiny.pt"
     torch.manual_seed(0)
     torch.save(create_model("passt_tiny", num_classes=12).state_dict(), checkpoint)
-    items = settings(small_demo, root / "cache", "teachers.1.arch=passt_tiny", f"teachers.1.checkpoint={checkpoint}",
+    items = settings(STUDENT_RUN, small_demo, root / "cache", "teachers.1.arch=passt_tiny", f"teachers.1.checkpoint={checkpoint}",
                      "student.kd.enabled=false", "student.epochs=1", "student.epoch_samples=8")
     config = load_config(None, items)
     pipeline = Pipeline(build_stages(config), config)

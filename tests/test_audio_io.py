@@ -14,12 +14,9 @@ import soundfile as sf
 from kdpipe import frontends
 from kdpipe.audio_io import REASONS, AudioError, decode, fit_length, load_clip, to_int16
 
+from helpers import tone
+
 SR = 16000
-
-
-def tone(freq: float, seconds: float, sr: int = SR, amp: float = 0.5) -> np.ndarray:
-    t = np.arange(round(seconds * sr)) / sr
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
 def chirp(seconds: float, sr: int = SR) -> np.ndarray:

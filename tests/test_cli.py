@@ -10,15 +10,11 @@ from typer.testing import CliRunner
 
 from kdpipe.cli import app
 
+from helpers import invoke
+
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 FAST = ("--set", "teacher_training.epochs=1", "--set", "student.epochs=1")
-
-
-def invoke(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from kdpipe.models import create_model
 from kdpipe.report import write_report
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages.evaluate import baseline_config
-from test_cli import invoke
-from test_train_student import settings
+
+from helpers import STUDENT_RUN, invoke, settings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -30,7 +30,7 @@ def run_settings(small_demo, tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("evaluate")
     checkpoint = root / "mn_tiny.pt"
     torch.save(create_model("mn_tiny", num_classes=12).state_dict(), checkpoint)
-    return settings(small_demo, root / "cache", f"teachers.0.checkpoint={checkpoint}", "student.epochs=1",
+    return settings(STUDENT_RUN, small_demo, root / "cache", f"teachers.0.checkpoint={checkpoint}", "student.epochs=1",
                     "student.epoch_samples=8", "evaluation.batch_size=8")
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -25,18 +26,14 @@ from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages import build_stages
 
-
-def settings(small_demo, cache, *extra):
-    return [f"cache_dir={cache}", f"data.sources.0.path={small_demo.manifest}",
-            f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0", "prepare.workers=1",
-            "teachers.0.arch=passt_tiny", "teachers.1.arch=ast_tiny", "teachers.1.weight=3.0",
-            "teacher_training.epochs=1", "teacher_training.batch_size=4", "teacher_training.num_workers=0",
-            "extract.chunk_clips=5", "extract.num_workers=0", "extract.batch_size=3", *extra]
+import helpers
 
 
-def make(small_demo, cache, *extra) -> Pipeline:
-    config = load_config(None, settings(small_demo, cache, *extra))
-    return Pipeline(build_stages(config), config)
+RUN = ("teachers.0.arch=passt_tiny", "teachers.1.arch=ast_tiny", "teachers.1.weight=3.0",
+       "teacher_training.epochs=1", "teacher_training.batch_size=4", "teacher_training.num_workers=0",
+       "extract.chunk_clips=5", "extract.num_workers=0", "extract.batch_size=3")
+settings = partial(helpers.settings, RUN)
+make = partial(helpers.make, RUN)
 
 
 @pytest.fixture(scope="module")

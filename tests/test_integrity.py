@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +15,22 @@ import pytest
 from typer.testing import CliRunner
 
 from kdpipe.cli import app
-from kdpipe.config import load_config
 from kdpipe.errors import KdpipeError
 from kdpipe.integrity import DamagedStore, find_damage
 from kdpipe.logits_store import TeacherLogits, write_combined
-from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import WaveformStore
-from kdpipe.stages import build_stages
+
+import helpers
 
 runner = CliRunner()
 
 
-def settings(small_demo, cache: Path, *extra: str) -> list[str]:
-    return [f"cache_dir={cache}", f"data.sources.0.path={small_demo.manifest}",
-            f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0", "prepare.workers=1",
-            "prepare.shard_clips=4", "teachers.0.arch=mn_tiny", "teacher_training.epochs=1",
-            "teacher_training.batch_size=4", "teacher_training.num_workers=0", "extract.num_workers=0",
-            "extract.chunk_clips=8", "student.arch=mobilenetv3", "student.width=0.2", "student.epochs=1",
-            "student.epoch_samples=8", "student.batch_size=4", "student.num_workers=0", *extra]
-
-
-def make(small_demo, cache: Path, *extra: str) -> Pipeline:
-    config = load_config(None, settings(small_demo, cache, *extra))
-    return Pipeline(build_stages(config), config)
+RUN = ("prepare.shard_clips=4", "teachers.0.arch=mn_tiny", "teacher_training.epochs=1",
+       "teacher_training.batch_size=4", "teacher_training.num_workers=0", "extract.num_workers=0",
+       "extract.chunk_clips=8", "student.arch=mobilenetv3", "student.width=0.2", "student.epochs=1",
+       "student.epoch_samples=8", "student.batch_size=4", "student.num_workers=0")
+settings = partial(helpers.settings, RUN)
+make = partial(helpers.make, RUN)
 
 
 def flip_bytes(path: Path, offset: int = 200, count: int = 64) -> None:

@@ -16,7 +16,8 @@ from kdpipe.frontends import build_frontend
 from kdpipe.predict import predict_file, window_starts, write_windows_csv
 from kdpipe.tagger import Tagger, load_tagger
 from kdpipe.waveform_store import WaveformStore
-from test_audio_io import tone
+
+from helpers import tone
 
 RATE = 32000
 MEL = {"kind": "mel", "sample_rate": RATE, "n_mels": 128, "hop_length": 320}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from kdpipe.runner import Pipeline
 from kdpipe.training import Mixup
 from kdpipe.stages import build_stages
 from kdpipe.stages.train_student import build_student, kd_loss, trained_student
+
+import helpers
 
 
 def test_kd_loss_follows_efficientat_semantics():
@@ -50,18 +53,8 @@ def test_kd_loss_follows_efficientat_semantics():
     torch.testing.assert_close(mixed, 0.1 * expected_label + 0.9 * expected_kd.mean())
 
 
-def settings(small_demo, cache, *extra):
-    return [f"cache_dir={cache}", f"data.sources.0.path={small_demo.manifest}",
-            f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0", "prepare.workers=1",
-            "teachers.0.arch=mn_tiny", "teacher_training.epochs=1", "teacher_training.batch_size=4",
-            "teacher_training.num_workers=0", "extract.num_workers=0", "student.arch=mobilenetv3",
-            "student.width=0.2", "student.epochs=2", "student.epoch_samples=16", "student.batch_size=4",
-            "student.num_workers=0", *extra]
-
-
-def make(small_demo, cache, *extra) -> Pipeline:
-    config = load_config(None, settings(small_demo, cache, *extra))
-    return Pipeline(build_stages(config), config)
+settings = partial(helpers.settings, helpers.STUDENT_RUN)
+make = partial(helpers.make, helpers.STUDENT_RUN)
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -1,6 +1,7 @@
 """The train-teacher stage: trains on the store, keeps the best epoch, caches per teacher."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -11,22 +12,17 @@ from kdpipe.cli import app
 from kdpipe.config import load_config
 from kdpipe.frontends import build_frontend
 from kdpipe.models import create_model, load_checkpoint
-from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages import build_stages
 
-
-def settings(small_demo, cache, *extra):
-    return [f"cache_dir={cache}", f"data.sources.0.path={small_demo.manifest}",
-            f"data.class_list={small_demo.class_list}", "data.clip_seconds=1.0", "prepare.workers=1",
-            "teachers.0.arch=passt_tiny", "teachers.1.arch=ast_tiny", "teachers.1.name=ast",
-            "teacher_training.epochs=2", "teacher_training.batch_size=4", "teacher_training.num_workers=0",
-            "teacher_training.mixup_alpha=0.3", *extra]
+import helpers
 
 
-def make(small_demo, cache, *extra) -> Pipeline:
-    config = load_config(None, settings(small_demo, cache, *extra))
-    return Pipeline(build_stages(config), config)
+RUN = ("teachers.0.arch=passt_tiny", "teachers.1.arch=ast_tiny", "teachers.1.name=ast",
+       "teacher_training.epochs=2", "teacher_training.batch_size=4", "teacher_training.num_workers=0",
+       "teacher_training.mixup_alpha=0.3")
+settings = partial(helpers.settings, RUN)
+make = partial(helpers.make, RUN)
 
 
 def test_best_checkpoint_reproduces_the_recorded_map(small_demo, tmp_path):
