@@ -107,11 +107,6 @@ def wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model, so checkpoints keep clean state-dict keys."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def broadcast(value: Any, ranks: Ranks) -> Any:
     """Rank 0's `value` on every rank."""
     if not ranks.distributed:
