@@ -31,7 +31,7 @@ from kdpipe.models import create_model
 from kdpipe.models.complexity import count_macs
 from kdpipe.models.windowing import clip_forward
 from kdpipe.training import label_loss, train_step
-from kdpipe.waveform_store import WaveformStore
+from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 AUDIOSET_CLASSES = 527
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
@@ -147,8 +147,7 @@ def prepared_demo(root: Path, clips: int, seconds: float) -> tuple[Path, list[Pa
     """Demo clips as mp3 files (mixed sample rates) and the waveform store prepared from them."""
     from kdpipe.config import load_config
     from kdpipe.demo_data import write_demo_dataset
-    from kdpipe.runner import Pipeline
-    from kdpipe.stages import prepare
+    from kdpipe.preparation import prepare_store
 
     dataset = write_demo_dataset(root / "audio", n_train=clips, n_eval=1, clip_seconds=seconds)
     manifest = root / "audio" / "mp3.csv"  # AudioSet as users hold it: mp3 (PaSST's HDF5 files)
@@ -162,7 +161,8 @@ def prepared_demo(root: Path, clips: int, seconds: float) -> tuple[Path, list[Pa
             target.write(f"{clip_id},{path},{rest}")
     config = load_config(None, [f"cache_dir={root / 'cache'}", f"data.sources.0.path={manifest}",
                                 f"data.class_list={dataset.class_list}", f"data.clip_seconds={seconds}"])
-    store_path = Pipeline([prepare.STAGE], config).ensure("prepare") / "waveforms.zarr"
+    prepare_store(config, root / "prepared", {})
+    store_path = root / "prepared" / STORE_FILE
     paths = sorted((root / "audio" / "audio").glob("demo_train_*.mp3"))
     return store_path, paths
 

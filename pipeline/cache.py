@@ -158,6 +158,19 @@ class StageCache:
                 found.append(CacheEntry(stage, folder.name, folder, (folder / RECORD).is_file()))
         return found
 
+    def collect_garbage(self, keep: set[tuple[str, str]], dry_run: bool = False
+                        ) -> Iterator[tuple[CacheEntry, str | None, int]]:
+        """Remove every entry whose (stage, key) is not in `keep`, unless it is being built or read: yields
+        (entry, who holds it or None, bytes freed). With `dry_run`, removes nothing."""
+        for entry in self.entries():
+            if (entry.stage, entry.key) in keep:
+                continue
+            with self.claim(entry) as holder:
+                size = 0 if holder is not None else entry.size_bytes()
+                if holder is None and not dry_run:
+                    self.remove(entry)
+                yield entry, holder, size
+
     def remove(self, entry: CacheEntry) -> None:
         shutil.rmtree(entry.path)
         self.lock_path(entry.stage, entry.key).unlink(missing_ok=True)

@@ -12,18 +12,32 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import ConfigError, KdpipeError
 
+if TYPE_CHECKING:
+    from kdpipe.training import FitSettings
+
 
 class _Section(BaseModel):
     """Strict section: unknown keys are errors, values are immutable, floats are finite."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def unkeyed(default: Any, description: str, **constraints: Any) -> Any:
+    """A setting that changes speed or placement, never results: no stage key contains it, so changing it
+    rebuilds nothing. Every other field is keyed (see `keyed_values`)."""
+    return Field(default, description=description, json_schema_extra={"keyed": False}, **constraints)
+
+
+def is_keyed(section: type[BaseModel], name: str) -> bool:
+    extra = section.model_fields[name].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("keyed") is False)
 
 
 # --------------------------------------------------------------------- schema
@@ -46,7 +60,7 @@ class DataConfig(_Section):
 
 
 class PrepareConfig(_Section):
-    workers: int = Field(0, ge=0, description="decoding processes; 0 = one per CPU core")
+    workers: int = unkeyed(0, "decoding processes; 0 = one per CPU core", ge=0)
     on_error: Literal["skip", "fail"] = Field("skip", description="bad audio: list it in skipped.csv, or stop")
     min_seconds: float = Field(1.0, ge=0, description="shorter audio is rejected as too short")
     silence_threshold: float = Field(1e-4, ge=0, lt=1, description="peak amplitude below this is silent")
@@ -112,13 +126,41 @@ class TeacherConfig(_Section):
 
 
 PRECISION = "auto: bf16 autocast on CUDA, fp32 on a CPU (bf16 on a CPU only when asked for); see kdpipe.devices"
-TRAINING_PRECISION = PRECISION + "; the loss is computed in fp32"
-TRAINING_COMPILE = "torch.compile the model for training steps (not part of the cache key)"
-UNKEYED_TRAINING = ("num_workers", "compile")
-"""Training settings that change speed, not results: left out of the cache keys."""
 
 
-class TeacherTrainingConfig(_Section):
+class TrainingConfig(_Section):
+    """The schedule both training stages share (EfficientAT's: warm-up, flat, linear ramp-down);
+    `fit_settings` hands it to `training.fit`. Defaults are the student's; teachers override some."""
+
+    epochs: int = Field(200, ge=1)
+    epoch_samples: int = Field(100_000, ge=0, description="clips drawn per epoch by the sampler; "
+                               "0 = as many as there are training clips")
+    batch_size: int = Field(120, ge=1)
+    balanced_sampling: bool = Field(True, description="EfficientAT's class-balanced weighted sampling")
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(8e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_epochs: int = Field(8, ge=0)
+    rampdown_start: int = Field(80, ge=0)
+    rampdown_epochs: int = Field(95, ge=1)
+    last_lr_factor: float = Field(0.01, ge=0, le=1)
+    mixup_alpha: float = Field(0.3, ge=0, description="0 = no mixup")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=PRECISION + "; the loss is in fp32")
+    compile: bool = unkeyed(False, "torch.compile the model for training steps")
+    num_workers: int = unkeyed(2, "loader processes", ge=0)
+
+    def fit_settings(self, eval_batch_size: int, seed: int) -> FitSettings:
+        from kdpipe.training import FitSettings
+
+        return FitSettings(
+            epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs, rampdown_start=self.rampdown_start,
+            rampdown_epochs=self.rampdown_epochs, last_lr_factor=self.last_lr_factor, mixup_alpha=self.mixup_alpha,
+            eval_batch_size=eval_batch_size, num_workers=self.num_workers, seed=seed, precision=self.precision,
+            compile=self.compile)
+
+
+class TeacherTrainingConfig(TrainingConfig):
     """How train-teacher trains or fine-tunes the teachers that have no checkpoint (labels only)."""
 
     epochs: int = Field(30, ge=1)
@@ -130,24 +172,18 @@ class TeacherTrainingConfig(_Section):
     warmup_epochs: int = Field(2, ge=0)
     rampdown_start: int = Field(5, ge=0)
     rampdown_epochs: int = Field(20, ge=1)
-    last_lr_factor: float = Field(0.01, ge=0, le=1)
-    mixup_alpha: float = Field(0.3, ge=0, description="0 = no mixup")
-    balanced_sampling: bool = Field(True, description="EfficientAT's class-balanced weighted sampling")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=TRAINING_PRECISION)
-    compile: bool = Field(False, description=TRAINING_COMPILE)
-    num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
 
 class ExtractConfig(_Section):
-    batch_size: int = Field(64, ge=1, description="clips per forward pass; halves itself on out-of-memory")
+    batch_size: int = unkeyed(64, "clips per forward pass; halves itself on out-of-memory", ge=1)
     dtype: Literal["float16", "float32"] = Field("float16", description="stored logits")
     chunk_clips: int = Field(4096, ge=1, description="clips per logits chunk: one write, the unit of resume")
     ensemble: Literal["logits", "probabilities"] = Field("logits", description="average logits or probabilities")
-    engine: Literal["local", "dask"] = "local"
-    scheduler: str | None = Field(None, description="dask scheduler address; null = a local cluster")
-    dask_workers: int = Field(0, ge=0, description="local cluster workers; 0 = one per GPU (2 on a CPU)")
-    num_workers: int = Field(2, ge=0, description="local engine: loader processes prefetching audio")
-    compile: bool = Field(False, description="torch.compile the teachers (a minute to compile; mn10 ~2x on a CPU)")
+    engine: Literal["local", "dask"] = unkeyed("local", "where teachers run: this process, or dask workers")
+    scheduler: str | None = unkeyed(None, "dask scheduler address; null = a local cluster")
+    dask_workers: int = unkeyed(0, "local cluster workers; 0 = one per GPU (2 on a CPU)", ge=0)
+    num_workers: int = unkeyed(2, "local engine: loader processes prefetching audio", ge=0)
+    compile: bool = unkeyed(False, "torch.compile the teachers (a minute to compile; mn10 ~2x on a CPU)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description=PRECISION)
 
@@ -158,19 +194,10 @@ class KDConfig(_Section):
     temperature: float = Field(1.0, gt=0)
 
 
-class StudentConfig(_Section):
+class StudentConfig(TrainingConfig):
     arch: str = Field("mobilenetv3", description="registry architecture of the student")
     width: float = Field(1.0, gt=0, le=4.0, description="width multiplier of arch mobilenetv3 (mn10 = 1.0)")
     options: dict[str, Any] = Field(default_factory=dict, description="create_model overrides, e.g. {bn_momentum: 0.1}")
-    epochs: int = Field(200, ge=1)
-    epoch_samples: int = Field(100_000, ge=1, description="clips drawn per epoch by the weighted sampler")
-    batch_size: int = Field(120, ge=1)
-    lr: float = Field(8e-4, gt=0)
-    warmup_epochs: int = Field(8, ge=0)
-    rampdown_start: int = Field(80, ge=0)
-    rampdown_epochs: int = Field(95, ge=1)
-    last_lr_factor: float = Field(0.01, ge=0, le=1)
-    mixup_alpha: float = Field(0.3, ge=0, description="0 = no mixup")
     kd: KDConfig = Field(default_factory=KDConfig)
     representations: list[Literal["mel", "mfcc", "stft"]] = Field(
         default_factory=list, description="train one student per representation together, with mutual KD "
@@ -180,9 +207,6 @@ class StudentConfig(_Section):
                                          "or every student")
     seed: int | None = Field(None, ge=0, description="the student's own seed (init, sampling, mixup); "
                              "default: the run's seed. Vary it to repeat a student over the same teacher logits")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=TRAINING_PRECISION)
-    compile: bool = Field(False, description=TRAINING_COMPILE)
-    num_workers: int = Field(2, ge=0, description="loader processes (not part of the cache key)")
 
     _registered = field_validator("arch")(classmethod(lambda cls, arch: registered_arch(arch)))
 
@@ -201,7 +225,9 @@ class StudentConfig(_Section):
 
 class EvaluationConfig(_Section):
     split: str = Field("eval", description="split used for every metric")
-    batch_size: int = Field(64, ge=1)
+    baseline: bool = Field(False, description="also train the student without KD (stage train-student/no-kd) "
+                           "and evaluate it beside the KD student")
+    batch_size: int = unkeyed(64, "clips per forward pass", ge=1)
 
 
 class Config(_Section):
@@ -212,8 +238,9 @@ class Config(_Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    cache_dir: Path = Field(Path("kdpipe-cache"), description="where stage outputs live")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    cache_dir: Path = unkeyed(Path("kdpipe-cache"), "where stage outputs live")
+    device: str = unkeyed("auto", "auto, cpu, cuda or cuda:N (the precision it implies is keyed)",
+                          pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     seed: int = Field(0, ge=0)
 
     def teacher(self, label: str) -> TeacherConfig:
@@ -420,6 +447,21 @@ def _absolute_paths(value: Any) -> Any:
 def to_plain(config: BaseModel) -> dict[str, Any]:
     """The config as JSON-ready plain data with typed values (paths as strings)."""
     return config.model_dump(mode="json")
+
+
+def keyed_values(section: BaseModel) -> dict[str, Any]:
+    """`to_plain(section)` without its unkeyed fields, at every depth: all a stage key can contain."""
+    return _drop_unkeyed(section, to_plain(section))
+
+
+def _drop_unkeyed(value: Any, plain: Any) -> Any:
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        return {name: _drop_unkeyed(getattr(value, name), plain[name]) for name in fields
+                if is_keyed(type(value), name)}
+    if isinstance(value, list):
+        return [_drop_unkeyed(item, plain_item) for item, plain_item in zip(value, plain)]
+    return plain
 
 
 def select(plain: dict[str, Any], dotted: str) -> Any:

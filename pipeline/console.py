@@ -1,9 +1,12 @@
 """One place for user-facing output: messages, verbosity and progress bars.
 
 Messages and progress go to stderr so that stdout carries only results
-(tables, YAML) that users may pipe elsewhere.
+(tables, YAML) that users may pipe elsewhere. How much is said is the level of the
+standard `logging` logger "kdpipe" (INFO unless set): the CLI's --quiet/--verbose set it,
+and a program using kdpipe as a library sets it the way it sets any library's.
 """
 
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -18,16 +21,18 @@ err = Console(stderr=True, highlight=False)
 # Piped results (tables included) are not wrapped at 80 columns: scripts and logs read them whole.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
-_verbosity = 1  # 0 quiet, 1 normal, 2 verbose
+LOGGER = logging.getLogger("kdpipe")
+if LOGGER.level == logging.NOTSET:
+    LOGGER.setLevel(logging.INFO)
 
 
 def set_verbosity(level: int) -> None:
-    global _verbosity
-    _verbosity = level
+    """0 quiet (warnings and results only), 1 normal, 2 verbose."""
+    LOGGER.setLevel({0: logging.WARNING, 1: logging.INFO}.get(level, logging.DEBUG))
 
 
 def info(message: str) -> None:
-    if _verbosity >= 1:
+    if LOGGER.isEnabledFor(logging.INFO):
         err.print(message)
 
 
@@ -37,7 +42,7 @@ def warn(message: str) -> None:
 
 
 def debug(message: str) -> None:
-    if _verbosity >= 2:
+    if LOGGER.isEnabledFor(logging.DEBUG):
         err.print(f"[dim]{message}[/dim]")
 
 
@@ -50,7 +55,7 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
-        disable=_verbosity < 1,
+        disable=not LOGGER.isEnabledFor(logging.INFO),
         transient=False,
     )
 

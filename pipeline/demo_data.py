@@ -12,10 +12,13 @@ import csv
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from kdpipe.config import Config, check_input_files, load_config
 
 EventFn = Callable[[np.random.Generator, int, int], np.ndarray]  # (rng, n_samples, sample_rate)
 
@@ -278,3 +281,19 @@ def write_demo_dataset(
     _write_manifest(manifest, rows)
     _write_class_list(class_list)
     return DemoDataset(root=root, manifest=manifest, class_list=class_list, n_clips=len(rows))
+
+
+def demo_config(out: Path, overrides: list[str], missing_labels: float) -> tuple[Config, int]:
+    """configs/demo.yaml with its data and cache under `out`, and the number of clips generated for it
+    (0 when the data is already there)."""
+    with resources.as_file(resources.files("kdpipe.configs").joinpath("demo.yaml")) as path:
+        config = load_config(path, [f"cache_dir={out / 'cache'}", f"data.sources.0.path={out / 'data' / 'manifest.csv'}",
+                                    f"data.class_list={out / 'data' / 'class_labels_indices.csv'}", *overrides],
+                             check_files=False)
+    written = 0
+    if not config.data.sources[0].path.is_file():
+        written = write_demo_dataset(config.data.sources[0].path.parent, clip_seconds=config.data.clip_seconds,
+                                     seed=config.seed, missing_labels=missing_labels).n_clips
+    check_input_files(config)
+    out.mkdir(parents=True, exist_ok=True)
+    return config, written

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdpipe.stage import StageContext
+from kdpipe.stage import SINGLE, Ranks, StageContext
 
 if TYPE_CHECKING:
     from kdpipe.runner import Pipeline
@@ -31,22 +30,6 @@ if TYPE_CHECKING:
 UPSTREAM_TIMEOUT = timedelta(hours=24)
 
 
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-SINGLE = Ranks()
 
 
 def under_torchrun() -> bool:
@@ -150,5 +133,5 @@ def ensure_on_every_rank(pipeline: Pipeline, name: str, ranks: Ranks, force: boo
     if plan is not None:
         upstream, key, inputs = plan
         out_dir = pipeline.cache.entry_dir(name, key)
-        pipeline.stage(name).run(StageContext(pipeline.config, out_dir, upstream, key, inputs))
+        pipeline.stage(name).run(StageContext(pipeline.config, out_dir, upstream, key, inputs, ranks))
     return None

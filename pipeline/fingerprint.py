@@ -48,8 +48,8 @@ def source_hash(objects: tuple[ModuleType | Any, ...]) -> str:
 # Modules that never shape a stage's outputs: what is printed, how processes start, and the
 # stage machinery itself (settings reach keys as parameters, not as the code that reads them).
 NOT_RESULTS = frozenset({"kdpipe.cli", "kdpipe.console", "kdpipe.torch_stack", "kdpipe.processes", "kdpipe.config",
-                         "kdpipe.stage", "kdpipe.runner", "kdpipe.cache", "kdpipe.fingerprint", "kdpipe.verify",
-                         "kdpipe.errors", "kdpipe.stages"})
+                         "kdpipe.stage", "kdpipe.stage_names", "kdpipe.runner", "kdpipe.cache", "kdpipe.fingerprint",
+                         "kdpipe.verify", "kdpipe.errors", "kdpipe.stages"})
 
 
 def code_closure(objects: tuple[ModuleType | Any, ...]) -> tuple[ModuleType | Any, ...]:

@@ -128,10 +128,15 @@ def repair(path: Path, damage: list[Damage]) -> bool:
     return True
 
 
-def read_rows(array: zarr.Array, store: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """`array[start:stop]`, with a chunk that fails its checksum reported as damage of `store`."""
+def read_rows(array: zarr.Array, store: Path, start: int = 0, stop: int | None = None,
+              rows: np.ndarray | None = None) -> np.ndarray:
+    """`array[start:stop]` (or the listed `rows`, reading only their chunks), with a chunk that fails its
+    checksum reported as damage of `store`."""
     stop = array.shape[0] if stop is None else stop
     try:
+        if rows is not None:
+            start, stop = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+            return array.oindex[rows]
         return array[start:stop]
     except ValueError as exc:
         if "checksum" not in str(exc).lower():

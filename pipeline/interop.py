@@ -71,3 +71,10 @@ def export_logits(out_dir: Path, logits: np.ndarray, clip_ids: np.ndarray, name:
     with open(index, "wb") as handle:
         pickle.dump({str(clip_id): row for row, clip_id in enumerate(clip_ids)}, handle)
     return npy, index
+
+
+def coverage_by_split(aligned: np.ndarray, splits: np.ndarray) -> dict[str, tuple[int, int]]:
+    """(clips with logits, clips) per split of the store, for imported logits aligned to its rows."""
+    covered = np.isfinite(aligned).all(axis=1)
+    return {split: (int(covered[splits == split].sum()), int((splits == split).sum()))
+            for split in sorted(set(splits.tolist()))}

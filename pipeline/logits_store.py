@@ -25,6 +25,8 @@ from kdpipe.zarr_groups import create_done_flags, open_group
 
 TEACHER_FORMAT = "kdpipe.teacher-logits/1"
 COMBINED_FORMAT = "kdpipe.teachers/1"
+TEACHER_FILE = "logits.zarr"  # in each extract/<name> output
+COMBINED_FILE = "teachers.zarr"  # in the extract-teachers output
 
 
 class TeacherLogits:
@@ -110,16 +112,42 @@ def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, Teacher
         mean[start:start + chunk] = ensemble_of(block, weights, ensemble, total)
 
 
-def open_combined(path: Path) -> zarr.Group:
-    """A finished `teachers.zarr` for reading: its format checked and no chunk file missing."""
-    group = open_group(path, "r", COMBINED_FORMAT)
-    check_written(path)
-    return group
+class CombinedLogits:
+    """A finished `teachers.zarr` for reading: its format checked and no chunk file missing on open,
+    every read checksum-verified."""
 
+    def __init__(self, path: Path):
+        self.path = path
+        self.group = open_group(path, "r", COMBINED_FORMAT)
+        check_written(path)
 
-def read_combined(path: Path, array: str) -> np.ndarray:
-    """One whole array of a `teachers.zarr` ("ensemble/logits", "teachers/<name>/logits"), checksum-verified."""
-    return read_rows(open_combined(path)[array], path)
+    @classmethod
+    def in_folder(cls, out_dir: Path) -> CombinedLogits:
+        """The combined store of an extract-teachers output folder."""
+        return cls(out_dir / COMBINED_FILE)
+
+    @property
+    def teachers(self) -> list[str]:
+        return sorted(self.group["teachers"].group_keys())
+
+    def array(self, teacher: str | None = None) -> zarr.Array:
+        """The ensemble's logits (teacher None) or one teacher's; an unknown name is an error naming the others."""
+        if teacher is None:
+            return self.group["ensemble/logits"]
+        if teacher not in self.teachers:
+            raise KdpipeError(f"no teacher named {teacher!r}; teachers: {', '.join(self.teachers)}")
+        return self.group[f"teachers/{teacher}/logits"]
+
+    def read(self, teacher: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        """Logits of every row, or of `rows` (sorted store rows), as stored."""
+        return read_rows(self.array(teacher), self.path, rows=rows)
+
+    def attributes(self, teacher: str) -> dict[str, Any]:
+        """What the teacher's extraction recorded (checkpoint, device, precision, metrics)."""
+        return dict(self.array(teacher).attrs)
+
+    def clip_ids(self) -> np.ndarray:
+        return read_rows(self.group["clip_id"], self.path)
 
 
 def ensemble_of(block: dict[str, np.ndarray], weights: dict[str, float], mode: str, total: float) -> np.ndarray:

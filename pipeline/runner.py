@@ -12,9 +12,9 @@ from typing import Literal
 from kdpipe import atomic, console
 from kdpipe.cache import StageCache, environment_versions
 from kdpipe.config import Config
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.fingerprint import FingerprintDB
-from kdpipe.stage import KeyComponents, Stage, StageContext, explain_change, key_components
+from kdpipe.stage import SINGLE, KeyComponents, Ranks, Stage, StageContext, explain_change, key_components
 from kdpipe.verify import Verdict, output_digests, verify_entry
 
 State = Literal["fresh", "stale", "missing"]
@@ -29,11 +29,13 @@ class StageStatus:
 
 
 class Pipeline:
-    """An ordered set of stages over one config and one cache folder."""
+    """An ordered set of stages over one config and one cache folder; the one place that knows where every
+    stage's output lives (`built`, `ensure`)."""
 
-    def __init__(self, stages: list[Stage], config: Config):
+    def __init__(self, stages: list[Stage], config: Config, ranks: Ranks = SINGLE):
         self.stages = {stage.name: stage for stage in stages}
         self.config = config
+        self.ranks = ranks
         self.cache = StageCache(config.cache_dir)
         self.fingerprints = FingerprintDB(config.cache_dir / "fingerprints.json")
         self._components: dict[str, KeyComponents] = {}
@@ -67,6 +69,21 @@ class Pipeline:
             return StageStatus(name, key, "missing", tuple(reasons))
         return StageStatus(name, key, "stale", tuple(explain_change(latest["components"], components) + reasons))
 
+    def built(self, name: str) -> Path:
+        """The committed output folder of `name` under this config. Never builds: a stale or missing output
+        is an error naming the command that builds it (read-only commands use what is built)."""
+        state = self.status(name)
+        if state.state != "fresh":
+            why = "; ".join(state.reasons) or "never built"
+            raise ConfigError(f"{name} is {state.state} for this config ({why}): run `kdpipe "
+                              f"{self.stage(name).command}` first, with the same --config and --set (or add "
+                              "--build)")
+        return self.cache.entry_dir(name, state.key)
+
+    def output(self, name: str, build: bool) -> Path:
+        """`name`'s output folder: brought up to date first with `build`, else as `built` finds it."""
+        return self.ensure(name) if build else self.built(name)
+
     def ensure(self, name: str, *, force: bool = False, wait: bool = True) -> Path:
         """Bring `name`'s upstream stages up to date, then build `name` unless it is cached (or forced)."""
         if name in self._ensured and not force:
@@ -92,7 +109,8 @@ class Pipeline:
                 return out_dir
             self._prepare_folder(stage, out_dir, force)
             started = time.time()
-            summary = stage.run(StageContext(self.config, out_dir, upstream, key, self.components(name).inputs))
+            summary = stage.run(StageContext(self.config, out_dir, upstream, key, self.components(name).inputs,
+                                             self.ranks))
             atomic.remove_leftovers(out_dir)
             missing = [path for path in stage.outputs if not (out_dir / path).exists()]
             if missing:

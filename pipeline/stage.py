@@ -7,8 +7,8 @@ The key of a stage is a sha256 over canonical JSON of
   - its upstream stages' keys (Merkle chaining: O(config), not O(data));
   - a hash of its own source code (declared modules or functions);
   - fingerprints of external inputs (manifest and checkpoint contents).
-Everything else (worker counts, batch sizes that do not change results,
-verbosity) is left out on purpose, so changing it never invalidates outputs.
+Fields marked `unkeyed` where the config defines them (worker counts, batch sizes that do not
+change results, the device) never enter a key, so changing them never invalidates outputs.
 """
 
 from __future__ import annotations
@@ -19,13 +19,33 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kdpipe.config import Config, canonical_json, resolved_settings, select, to_plain
+from kdpipe.config import Config, canonical_json, keyed_values, resolved_settings, select
 from kdpipe.fingerprint import FingerprintDB, sha256_text, source_hash
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes building one stage together (DDP); a world of one by default."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Ranks()
 
 
 @dataclass
 class StageContext:
-    """What a running stage gets: the config, its output folder and its upstream outputs."""
+    """What a running stage gets: the config, its output folder, its upstream outputs, and its ranks."""
 
     config: Config
     out_dir: Path
@@ -33,13 +53,14 @@ class StageContext:
     key: str
     input_hashes: dict[str, str]
     """sha256 of each external input, by label (to record in the outputs)."""
+    ranks: Ranks = SINGLE
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     params: tuple[str, ...]
-    """Dotted config keys whose values change this stage's outputs."""
+    """Dotted config keys (fields or whole sections) that this stage reads; their unkeyed fields are left out."""
     outputs: tuple[str, ...]
     """Paths, relative to the stage's output folder, that the stage produces."""
     run: Callable[[StageContext], dict[str, Any]]
@@ -54,12 +75,14 @@ class Stage:
     schema_version: int = 1
     resumable: bool = False
     """True when `run` continues a partial output folder instead of needing a fresh one."""
+    command: str = "run"
+    """The CLI command that builds this stage (named when its output is needed and not built)."""
 
     def parameters(self, config: Config) -> dict[str, Any]:
         """The parameter values that enter the key, by their names, as resolved values (one run, one key)."""
         config = resolved_settings(config)
-        plain = to_plain(config)
-        return {**{name: select(plain, name) for name in self.params}, **self.param_values(config)}
+        keyed = keyed_values(config)
+        return {**{name: select(keyed, name) for name in self.params}, **self.param_values(config)}
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdpipe.classes import ClassList, read_class_list
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.frontends import build_frontend
-from kdpipe.manifests import ClassList, read_class_list
 from kdpipe.models import create_model
 from kdpipe.models.windowing import clip_forward
 from kdpipe.runner import Pipeline
-from kdpipe.waveform_store import WaveformStore
-from kdpipe.stages import train_student, train_teacher
-from kdpipe.stages.extract_teachers import checkpoint_path
+from kdpipe.stage_names import PREPARE, student, train_teacher
+from kdpipe.students import trained_student
+from kdpipe.teachers import checkpoint_path
+from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 STUDENT = "student"
 
@@ -53,8 +54,11 @@ class Tagger:
 
 
 def load_tagger(pipeline: Pipeline, model: str = STUDENT, arch: str | None = None,
-                device: torch.device | None = None) -> Tagger:
-    """The tagger `model` names: "student", a teacher's name, or a checkpoint file (with `arch`)."""
+                device: torch.device | None = None, build: bool = False) -> Tagger:
+    """The tagger `model` names: "student", a teacher's name, or a checkpoint file (with `arch`).
+
+    With `build`, the stages it comes from are brought up to date first; without, they must be built.
+    """
     config = pipeline.config
     teachers = {teacher.label: teacher for teacher in config.teachers}
     if arch is not None and (model == STUDENT or model in teachers):
@@ -62,9 +66,9 @@ def load_tagger(pipeline: Pipeline, model: str = STUDENT, arch: str | None = Non
     frontend_overrides: dict[str, Any] = {}
     try:
         if model == STUDENT:
-            network, name = _student(pipeline), STUDENT
+            network, name = _student(pipeline, build), STUDENT
         elif model in teachers:
-            network, name = _teacher(pipeline, model), model
+            network, name = _teacher(pipeline, model, build), model
             frontend_overrides = dict(teachers[model].frontend)
         else:
             network, name = _checkpoint_file(Path(model), arch, sorted(teachers)), Path(model).stem
@@ -72,7 +76,7 @@ def load_tagger(pipeline: Pipeline, model: str = STUDENT, arch: str | None = Non
         raise
     except KdpipeError as exc:  # a checkpoint that does not fit its architecture: the user named the wrong pair
         raise ConfigError(str(exc)) from None
-    classes = run_classes(pipeline)
+    classes = run_classes(pipeline, build)
     device = device or torch.device("cpu")
     frontend_config = {**network.frontend_config, **frontend_overrides}
     tagger = Tagger(name, network.eval().to(device),
@@ -86,42 +90,32 @@ def load_tagger(pipeline: Pipeline, model: str = STUDENT, arch: str | None = Non
     return tagger
 
 
-def run_classes(pipeline: Pipeline) -> ClassList:
+def run_classes(pipeline: Pipeline, build: bool = False) -> ClassList:
     """The run's classes: `data.class_list`, else the labels the prepared store found."""
     config = pipeline.config
     if config.data.class_list is not None:
         return read_class_list(config.data.class_list)
-    if pipeline.status("prepare").state == "fresh":
-        return WaveformStore.open(built_output(pipeline, "prepare", "prepare") / "waveforms.zarr").classes
+    if build or pipeline.status(PREPARE).state == "fresh":
+        return WaveformStore.open(pipeline.output(PREPARE, build) / STORE_FILE).classes
     raise ConfigError("no class names: set data.class_list (e.g. --set data.class_list=class_labels_indices.csv) "
                       "or run `kdpipe prepare` first")
 
 
-def built_output(pipeline: Pipeline, stage: str, command: str) -> Path:
-    """The output folder of `stage` under the current config; an error naming `command` if it is not built."""
-    state = pipeline.status(stage)
-    if state.state != "fresh":
-        why = "; ".join(state.reasons) or "never built"
-        raise ConfigError(f"{stage} is {state.state} for this config ({why}): run `kdpipe {command}` "
-                          "first, with the same --config and --set")
-    return pipeline.cache.entry_dir(stage, state.key)
-
-
-def _student(pipeline: Pipeline) -> nn.Module:
-    if train_student.NAME not in pipeline.stages:
+def _student(pipeline: Pipeline, build: bool) -> nn.Module:
+    """The run's student: the KD student, or the baseline when KD is off."""
+    name = student(pipeline.config.student.kd.enabled)
+    if name not in pipeline.stages:
         raise ConfigError("this config has no student: student.kd.enabled is true but teachers is empty")
-    folder = built_output(pipeline, train_student.NAME, train_student.NAME)
-    return train_student.trained_student(folder, pipeline.config, len(run_classes(pipeline)))
+    return trained_student(pipeline.output(name, build), pipeline.config.student, len(run_classes(pipeline, build)))
 
 
-def _teacher(pipeline: Pipeline, name: str) -> nn.Module:
-    teacher = next(teacher for teacher in pipeline.config.teachers if teacher.label == name)
+def _teacher(pipeline: Pipeline, name: str, build: bool) -> nn.Module:
+    teacher = pipeline.config.teacher(name)
     if teacher.arch is None:
         raise ConfigError(f"teacher {name} is imported logits: there is no model to run")
     upstream = {}
     if teacher.trainable:
-        stage = train_teacher.stage_name(teacher)
-        upstream[stage] = built_output(pipeline, stage, f"train-teacher --teacher {name}")
+        upstream[train_teacher(name)] = pipeline.output(train_teacher(name), build)
     return create_model(teacher.arch, checkpoint=checkpoint_path(teacher, upstream), **teacher.options)
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,13 +23,16 @@ from torch import nn
 
 from kdpipe import atomic, console, distributed
 from kdpipe.devices import resolve_precision
-from kdpipe.distributed import SINGLE, Ranks
+from kdpipe.stage import SINGLE, Ranks
 from kdpipe.errors import KdpipeError
 from kdpipe.frontends import int16_to_float
-from kdpipe.loader import BatchLoader, sequential_batches, weighted_batches
+from kdpipe.loader import BatchLoader, class_balanced_weights, sequential_batches, weighted_batches
 from kdpipe.metrics import tagging_metrics
 from kdpipe.models.windowing import clip_forward
 from kdpipe.waveform_store import WaveformStore
+
+if TYPE_CHECKING:
+    from kdpipe.config import TrainingConfig
 
 
 def lr_multiplier(epoch: int, warmup_epochs: int, rampdown_start: int, rampdown_epochs: int,
@@ -127,6 +131,16 @@ def weighted_epochs(train_rows: np.ndarray, weights: np.ndarray, clips_per_epoch
         return weighted_batches(train_rows, weights, clips_per_epoch, batch_size, rng)
 
     return epoch_batches
+
+
+def epoch_plan(store: WaveformStore, train_rows: np.ndarray, settings: TrainingConfig,
+               seed: int) -> Callable[[int], list[np.ndarray]]:
+    """A training section's epochs: `epoch_samples` clips each (0 = as many as there are training clips),
+    drawn with EfficientAT's class-balanced weights or uniformly."""
+    labels = store.column("labels")[train_rows]
+    weights = class_balanced_weights(labels) if settings.balanced_sampling else np.ones(len(train_rows))
+    return weighted_epochs(train_rows, weights, settings.epoch_samples or len(train_rows), settings.batch_size,
+                           seed)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from kdpipe.integrity import array_settings, check_written, read_rows
 from kdpipe.zarr_groups import create_done_flags, open_group
 
 FORMAT = "kdpipe.waveforms/1"
+STORE_FILE = "waveforms.zarr"  # in the prepare output
 OK = "ok"
 
 

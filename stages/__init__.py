@@ -1,4 +1,5 @@
-"""The stages of a run, in order. Each module is thin: it composes the library."""
+"""The stages of a run, in order. Each module is thin: it composes the library, and its `stages(config)`
+returns the stages it contributes for a config (none, one, or one per teacher)."""
 
 from kdpipe.config import Config
 from kdpipe.stage import Stage
@@ -6,19 +7,7 @@ from kdpipe.stages import evaluate, extract_teachers, prepare, train_student, tr
 
 
 def build_stages(config: Config) -> list[Stage]:
-    """Every stage the config asks for, upstream first.
-
-    One train-teacher per model teacher without a checkpoint, one extract per teacher,
-    the ensemble over all of them, the student (KD needs teachers; the baseline does not),
-    and the evaluation of all of them.
-    """
-    stages = [prepare.STAGE]
-    stages += [train_teacher.stage_for(t) for t in config.teachers if t.trainable]
-    stages += [extract_teachers.teacher_stage(t) for t in config.teachers]
-    if config.teachers:
-        stages.append(extract_teachers.ensemble_stage(config))
-    if train_student.available(config):
-        stages.append(train_student.stage(config))
-    if evaluate.available(config):
-        stages.append(evaluate.stage(config))
-    return stages
+    """Every stage the config asks for, upstream first: prepare; train-teacher per teacher without a
+    checkpoint; extract per teacher and their ensemble; the KD student and/or the no-KD baseline; evaluate."""
+    return [stage for module in (prepare, train_teacher, extract_teachers, train_student, evaluate)
+            for stage in module.stages(config)]

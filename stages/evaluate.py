@@ -1,81 +1,46 @@
 """`evaluate`: every teacher, the ensemble and every student of the run, scored on the same clips, and a report.
 
 Inputs: the waveform store, extract-teachers' logits (when the run has
-teachers), train-student's `best.pt`, and the no-KD baseline's when it has
-been built (train-student under the same config with `student.kd.enabled=false`;
-its key is a parameter, so building the baseline later makes this stage stale).
+teachers), and the best weights of each student stage of the run: the KD
+student and, when the config has it, the no-KD baseline (`evaluation.baseline`).
 Parameters: `evaluation.split`. Outputs: `metrics.json`, `per_class_ap.csv`,
 `report.md` and the PNG plots it links.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from kdpipe import bench, console, devices, evaluate, logits_store, metrics, report, training
-from kdpipe.config import Config, to_plain
+from kdpipe import bench, console, devices, evaluate, metrics, report, stage_names, training
+from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluate import Evaluation, ModelResult
 from kdpipe.extraction import Teacher, TeacherSpec
-from kdpipe.frontends import build_frontend
+from kdpipe.frontends import build_frontend, int16_to_float
 from kdpipe.loader import BatchLoader
-from kdpipe.models import load_checkpoint
+from kdpipe.logits_store import CombinedLogits
 from kdpipe.models.windowing import clip_forward
-from kdpipe.runner import Pipeline
 from kdpipe.stage import Stage, StageContext
-from kdpipe.waveform_store import WaveformStore
-from kdpipe.stages import train_student
-from kdpipe.stages.extract_teachers import NAME as EXTRACT
-
-NAME = "evaluate"
-STUDENT = train_student.NAME
-
-
-class Baseline(NamedTuple):
-    config: Config
-    key: str
-    folder: Path
-
-
-def baseline_config(config: Config) -> Config:
-    """The run's no-KD baseline: the same config with `student.kd.enabled=false`."""
-    plain = to_plain(config)
-    plain["student"]["kd"]["enabled"] = False
-    return Config.model_validate(plain)
-
-
-def built_baseline(config: Config) -> Baseline | None:
-    """The no-KD baseline's train-student output, if the run's student uses KD and the baseline has been built."""
-    if not config.student.kd.enabled:
-        return None  # the run's own student is the baseline
-    from kdpipe.stages import build_stages  # stages/__init__ imports this module
-
-    baseline = baseline_config(config)
-    pipeline = Pipeline(build_stages(baseline), baseline)
-    key = pipeline.key(STUDENT)
-    if pipeline.cache.record(STUDENT, key) is None:
-        return None
-    return Baseline(baseline, key, pipeline.cache.entry_dir(STUDENT, key))
+from kdpipe.students import kept_students
+from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 
 def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, targets: np.ndarray,
                     device: torch.device) -> list[ModelResult]:
     """Each teacher and the ensemble from their stored logits; sizes and speeds of the teachers' models."""
     config = ctx.config
-    combined = logits_store.open_combined(ctx.upstream[EXTRACT] / "teachers.zarr")
+    combined = CombinedLogits.in_folder(ctx.upstream[stage_names.ENSEMBLE])
     results = []
     for teacher in console.track(config.teachers, len(config.teachers), "scoring teachers"):
-        array = combined[f"teachers/{teacher.label}/logits"]
         result = evaluate.score(f"teacher_{teacher.label}", f"teacher {teacher.label}", "teacher",
-                                teacher.arch or "imported logits", targets, array.oindex[rows, :])
+                                teacher.arch or "imported logits", targets, combined.read(teacher.label, rows))
         if teacher.logits is None:  # a model to measure (imported logits come without one)
-            loaded = Teacher(TeacherSpec(teacher.label, teacher.arch, Path(array.attrs["checkpoint"]),
+            checkpoint = Path(combined.attributes(teacher.label)["checkpoint"])
+            loaded = Teacher(TeacherSpec(teacher.label, teacher.arch, checkpoint,
                                          dict(teacher.options), dict(teacher.frontend), config.extract.precision),
                              store.sample_rate, device, config.evaluation.batch_size)
             result.footprint = evaluate.measure_footprint(loaded.model, loaded.logits, config.data.clip_seconds,
@@ -83,22 +48,11 @@ def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, t
         results.append(result)
     ensemble = evaluate.score("ensemble", "teacher ensemble", "ensemble",
                               f"{config.extract.ensemble} mean of {len(config.teachers)}",
-                              targets, combined["ensemble/logits"].oindex[rows, :])
+                              targets, combined.read(rows=rows))
     footprints = [r.footprint for r in results]
     if all(footprints):
         ensemble.footprint = evaluate.combined_footprint(footprints)
     return [*results, ensemble]
-
-
-def kept_students(folder: Path, config: Config, num_classes: int) -> dict[str, nn.Module]:
-    """The students a train-student output kept, by representation, weights loaded.
-
-    Multi-representation runs keep plain students under students/ (every one with `student.keep: all`);
-    otherwise the one student that student.json describes.
-    """
-    kept = {path.stem: load_checkpoint(train_student.build_student(config, num_classes, path.stem), path)
-            for path in sorted((folder / "students").glob("*.pt"))}
-    return kept or {"mel": train_student.trained_student(folder, config, num_classes)}
 
 
 def student_results(model_id: str, label: str, config: Config, folder: Path, store_path: Path, rows: np.ndarray,
@@ -108,7 +62,7 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
     arch = config.student.arch + (f" w{config.student.width:g}" if config.student.arch == "mobilenetv3" else "")
     results = []
     reader = BatchLoader(store_path, num_workers=config.student.num_workers, pin_memory=device.type == "cuda")
-    for representation, model in kept_students(folder, config, len(store.classes)).items():
+    for representation, model in kept_students(folder, config.student, len(store.classes)).items():
         member = representation if config.student.representations else None
         model = model.to(device).eval()
         frontend = build_frontend(model.frontend_config, store.sample_rate).to(device).eval()
@@ -118,7 +72,7 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
         result = evaluate.score(f"{model_id}_{member}" if member else model_id, named, "student",
                                 f"{arch}, {member}" if member else arch, targets, logits)
         result.footprint = evaluate.measure_footprint(
-            model, lambda waves: clip_forward(model, frontend(waves.to(device).float() / 32768.0)),
+            model, lambda waves: clip_forward(model, frontend(int16_to_float(waves.to(device)))),
             config.data.clip_seconds,
             store.clip_samples, config.evaluation.batch_size, device)
         result.history = evaluate.read_history(folder / "metrics.jsonl", member)
@@ -129,22 +83,19 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config
     split = config.evaluation.split
-    store_path = ctx.upstream["prepare"] / "waveforms.zarr"
+    store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
     store = WaveformStore.open(store_path)
     rows = store.rows(split)
     if len(rows) == 0:
         raise KdpipeError(f"evaluation.split: the store has no decoded clips in split '{split}'")
     targets = store.column("labels")[rows].astype(bool)
     device = devices.resolve_device(config.device)
-    results = teacher_results(ctx, store, rows, targets, device) if EXTRACT in ctx.upstream else []
-    kd = config.student.kd.enabled
-    students = [("student_kd" if kd else "student_no_kd", f"student, {'with' if kd else 'no'} KD", config,
-                 ctx.upstream[STUDENT])]
-    baseline = built_baseline(config)
-    if baseline is not None:
-        students.append(("student_no_kd", "student, no KD", baseline.config, baseline.folder))
-    for student in students:
-        results += student_results(*student, store_path, rows, targets, device)
+    results = teacher_results(ctx, store, rows, targets, device) if stage_names.ENSEMBLE in ctx.upstream else []
+    for kd in (True, False):
+        if stage_names.student(kd) in ctx.upstream:
+            results += student_results("student_kd" if kd else "student_no_kd",
+                                       f"student, {'with' if kd else 'no'} KD", config,
+                                       ctx.upstream[stage_names.student(kd)], store_path, rows, targets, device)
     evaluation = Evaluation(split, store.classes, targets.sum(axis=0), len(rows), config.data.clip_seconds,
                             [str(source.path) for source in config.data.sources], bench.device_name(device), results)
     evaluate.write_results(evaluation, ctx.out_dir)
@@ -154,18 +105,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {"split": split, "clips": len(rows), "mAP": {r.label: r.metrics["mAP"] for r in results}}
 
 
-def available(config: Config) -> bool:
-    """Something to evaluate: a student (the KD one needs teachers, which are then evaluated too)."""
-    return train_student.available(config)
-
-
-def stage(config: Config) -> Stage:
-    return Stage(
-        name=NAME,
+def stages(config: Config) -> list[Stage]:
+    """The evaluation of the run's students (none without one) and of its teachers."""
+    scored = stage_names.students(config)
+    if not scored:
+        return []
+    return [Stage(
+        name=stage_names.EVALUATE,
+        command="evaluate",
         params=("evaluation.split",),
-        param_values=lambda config: {"baseline": baseline.key if (baseline := built_baseline(config)) else None},
         outputs=("metrics.json", "per_class_ap.csv", "report.md"),
         run=run,
-        code=(sys.modules[__name__], evaluate, report, metrics, training.predict, bench.inference_clips_per_second),
-        upstream=("prepare", *((EXTRACT,) if config.teachers else ()), STUDENT),
-    )
+        code=(run, teacher_results, student_results, evaluate, report, metrics, training.predict,
+              bench.inference_clips_per_second),
+        upstream=(stage_names.PREPARE, *((stage_names.ENSEMBLE,) if config.teachers else ()), *scored),
+    )]

@@ -13,34 +13,23 @@ teacher computes only that teacher.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdpipe import console, dask_engine, extraction, frontends, integrity, interop, logits_store
-from kdpipe.models import ast, create_model, mobilenet, passt
-from kdpipe.config import Config, TeacherConfig
+from kdpipe import console, dask_engine, extraction, integrity, interop, logits_store, stage_names
+from kdpipe.config import Config, TeacherConfig, keyed_values
+from kdpipe.devices import resolve_device
 from kdpipe.errors import KdpipeError
 from kdpipe.extraction import Teacher, TeacherSpec
 from kdpipe.fingerprint import sha256_file
-from kdpipe.logits_store import TeacherLogits
+from kdpipe.logits_store import COMBINED_FILE, TEACHER_FILE, CombinedLogits, TeacherLogits
 from kdpipe.metrics import tagging_metrics
+from kdpipe.models import create_model
 from kdpipe.stage import Stage, StageContext
-from kdpipe.devices import resolve_device
-from kdpipe.waveform_store import WaveformStore
-from kdpipe.stages import train_teacher
-
-PREFIX = "extract/"
-NAME = "extract-teachers"
-
-
-def checkpoint_path(teacher: TeacherConfig, upstream: dict[str, Path]) -> Path:
-    """The teacher's own checkpoint, or the best epoch of its train-teacher stage."""
-    if teacher.checkpoint is not None:
-        return teacher.checkpoint
-    return upstream[train_teacher.stage_name(teacher)] / "best.pt"
+from kdpipe.teachers import checkpoint_path
+from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 
 def eval_metrics(logits: np.ndarray, store: WaveformStore, split: str) -> dict[str, float]:
@@ -55,13 +44,13 @@ def eval_metrics(logits: np.ndarray, store: WaveformStore, split: str) -> dict[s
 def run_import(teacher: TeacherConfig, ctx: StageContext) -> dict[str, Any]:
     """An imported teacher: EfficientAT-format logits aligned to the store by clip id."""
     assert teacher.logits is not None and teacher.logits_index is not None
-    store = WaveformStore.open(ctx.upstream["prepare"] / "waveforms.zarr")
+    store = WaveformStore.open(ctx.upstream[stage_names.PREPARE] / STORE_FILE)
     aligned, found = interop.import_logits(teacher.logits, teacher.logits_index, store.column("clip_id"),
                                            len(store.classes))
     if found == 0:
         raise KdpipeError(f"{teacher.logits_index}: none of the store's clip ids is in it; "
                           "its keys should be YouTube ids like '--4gqARaEJE'")
-    logits = TeacherLogits.create(ctx.out_dir / "logits.zarr", store.n_clips, len(store.classes),
+    logits = TeacherLogits.create(ctx.out_dir / TEACHER_FILE, store.n_clips, len(store.classes),
                                   ctx.config.extract.chunk_clips, ctx.config.extract.dtype, {"teacher": teacher.label})
     for chunk in range(logits.n_chunks):
         rows = logits.chunk_rows(chunk)
@@ -81,7 +70,7 @@ def run_teacher(teacher: TeacherConfig):
             return run_import(teacher, ctx)
         config = ctx.config
         settings = config.extract
-        store_path = ctx.upstream["prepare"] / "waveforms.zarr"
+        store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
         store = WaveformStore.open(store_path)
         checkpoint = checkpoint_path(teacher, ctx.upstream)
         spec = TeacherSpec(teacher.label, teacher.arch, checkpoint, dict(teacher.options), dict(teacher.frontend),
@@ -90,7 +79,7 @@ def run_teacher(teacher: TeacherConfig):
         loaded = Teacher(spec, store.sample_rate, device, settings.batch_size)
         n_out = _output_classes(loaded, store)
         probe = (str(device), loaded.precision)  # what this process runs; dask workers report their own
-        path = ctx.out_dir / "logits.zarr"
+        path = ctx.out_dir / TEACHER_FILE
         resume = path.exists() and integrity.ready_to_resume(path)
         logits = (TeacherLogits.open(path, mode="r+") if resume else TeacherLogits.create(
             path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label}))
@@ -105,8 +94,7 @@ def run_teacher(teacher: TeacherConfig):
             seconds, ran = extraction.extract_local(loaded, store_path, logits, todo, settings.batch_size,
                                                     settings.num_workers), {probe}
         ran = ran or {probe}  # nothing was left to compute
-        computed = int(sum((store.column("status") == "ok")[logits.chunk_rows(c).start:logits.chunk_rows(c).stop].sum()
-                           for c in todo))
+        computed = extraction.valid_clips(logits, todo, store.column("status") == "ok")
         metrics = eval_metrics(logits.read(), store, config.evaluation.split)
         attributes = {
             "teacher": teacher.label, "arch": teacher.arch, "checkpoint": str(checkpoint),
@@ -140,54 +128,57 @@ def _output_classes(teacher: Teacher, store: WaveformStore) -> int:
     return n_out
 
 
-def teacher_stage(teacher: TeacherConfig) -> Stage:
-    upstream = ("prepare", train_teacher.stage_name(teacher)) if teacher.trainable else ("prepare",)
-    return Stage(
-        name=PREFIX + teacher.label,
-        params=("extract.dtype", "extract.chunk_clips", "extract.precision"),
-        param_values=lambda config: {
-            "teacher": config.teacher(teacher.label).model_dump(mode="json", exclude={"weight", "init"})},
-        outputs=("logits.zarr",),
-        run=run_teacher(teacher),
-        code=(extraction, logits_store.TeacherLogits, loaded_frontend, run_teacher, run_import, interop,
-              _output_classes, frontends, mobilenet, passt, ast),
-        upstream=upstream,
-        inputs=lambda config: {key: getattr(teacher, key) for key in ("checkpoint", "logits", "logits_index")
-                               if getattr(teacher, key) is not None},
-        resumable=True,
-    )
-
-
 def run_ensemble(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config
-    store = WaveformStore.open(ctx.upstream["prepare"] / "waveforms.zarr")
-    teachers = {t.label: TeacherLogits.open(ctx.upstream[PREFIX + t.label] / "logits.zarr") for t in config.teachers}
+    store = WaveformStore.open(ctx.upstream[stage_names.PREPARE] / STORE_FILE)
+    teachers = {t.label: TeacherLogits.open(ctx.upstream[stage_names.extract(t.label)] / TEACHER_FILE)
+                for t in config.teachers}
     weights = {t.label: t.weight for t in config.teachers}
     if sum(weights.values()) <= 0:
         raise KdpipeError("teachers.*.weight: at least one teacher needs a positive weight")
-    path = ctx.out_dir / "teachers.zarr"
     decoded = store.column("status") == "ok"
     expected = {name: decoded & ("imported_from" not in logits.group.attrs) for name, logits in teachers.items()}
-    logits_store.write_combined(path, store.column("clip_id"), teachers, weights, config.extract.ensemble,
-                                config.extract.dtype, {"n_classes": len(store.classes)}, expected)
-    combined = logits_store.open_combined(path)
+    logits_store.write_combined(ctx.out_dir / COMBINED_FILE, store.column("clip_id"), teachers, weights,
+                                config.extract.ensemble, config.extract.dtype, {"n_classes": len(store.classes)},
+                                expected)
+    combined = CombinedLogits.in_folder(ctx.out_dir)
     split = config.evaluation.split
-    summary = {name: eval_metrics(combined[f"teachers/{name}/logits"][:], store, split) for name in teachers}
-    summary["ensemble"] = eval_metrics(combined["ensemble/logits"][:], store, split)
+    summary = {name: eval_metrics(combined.read(name), store, split) for name in teachers}
+    summary["ensemble"] = eval_metrics(combined.read(), store, split)
     for name, metrics in summary.items():
         if metrics:
             console.info(f"  {name:<24} mAP {metrics['mAP']:.4f}  mAUC {metrics['mAUC']:.4f}")
     return {"mAP": {name: m.get("mAP") for name, m in summary.items()}, "weights": weights}
 
 
-def ensemble_stage(config: Config) -> Stage:
-    return Stage(
-        name=NAME,
+def stages(config: Config) -> list[Stage]:
+    """One `extract/<name>` per teacher, then the ensemble over all of them (none without teachers)."""
+    if not config.teachers:
+        return []
+    per_teacher = [Stage(
+        name=stage_names.extract(teacher.label),
+        command="extract-teachers",
+        params=("extract.dtype", "extract.chunk_clips", "extract.precision"),
+        param_values=lambda config, label=teacher.label: {"teacher": {
+            k: v for k, v in keyed_values(config.teacher(label)).items() if k not in ("weight", "init")}},
+        outputs=(TEACHER_FILE,),
+        run=run_teacher(teacher),
+        code=(run_teacher, run_import, loaded_frontend, _output_classes, eval_metrics),
+        upstream=(stage_names.PREPARE,
+                  *((stage_names.train_teacher(teacher.label),) if teacher.trainable else ())),
+        inputs=lambda config, teacher=teacher: {key: getattr(teacher, key) for key in
+                                                ("checkpoint", "logits", "logits_index")
+                                                if getattr(teacher, key) is not None},
+        resumable=True,
+    ) for teacher in config.teachers]
+    ensemble = Stage(
+        name=stage_names.ENSEMBLE,
+        command="extract-teachers",
         params=("extract.ensemble", "extract.dtype"),
         param_values=lambda config: {"weights": {t.label: t.weight for t in config.teachers}},
-        outputs=("teachers.zarr",),
+        outputs=(COMBINED_FILE,),
         run=run_ensemble,
-        code=(run_ensemble, logits_store.write_combined, logits_store.ensemble_of),
-        upstream=("prepare", *(PREFIX + t.label for t in config.teachers)),
+        code=(run_ensemble, eval_metrics),
+        upstream=(stage_names.PREPARE, *(stage_names.extract(t.label) for t in config.teachers)),
     )
-
+    return [*per_teacher, ensemble]

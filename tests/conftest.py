@@ -55,5 +55,5 @@ def trained_run(small_demo, tmp_path_factory) -> TrainedRun:
                      "student.kd.enabled=false", "student.epochs=1", "student.epoch_samples=8")
     config = load_config(None, items)
     pipeline = Pipeline(build_stages(config), config)
-    pipeline.ensure("train-student")
+    pipeline.ensure("train-student/no-kd")
     return TrainedRun(items, pipeline, checkpoint)

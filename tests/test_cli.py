@@ -38,7 +38,7 @@ def test_demo_leaves_every_stage_fresh_and_rerun_is_cached(demo):
     status = invoke("status", "--config", str(demo))
     teachers = ("passt_tiny", "ast_tiny", "mn10")
     stages = ("prepare", *(f"train-teacher/{t}" for t in teachers), *(f"extract/{t}" for t in teachers),
-              "extract-teachers", "train-student", "evaluate")
+              "extract-teachers", "train-student", "train-student/no-kd", "evaluate")
     for stage in stages:
         assert re.search(rf"{stage}\s+│\s+fresh", status), status
     assert invoke("run", "--config", str(demo)).count(": cached") == len(stages)
@@ -53,13 +53,14 @@ def prepare_entries(listing: str) -> int:
 def test_status_explains_a_change_and_prepare_rebuilds(demo):
     status = invoke("status", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "stale" in status and "prepare.min_seconds: 0.5 -> 0.6" in status
-    assert status.count("upstream prepare changed") == 9  # 3 train-teacher, 3 extract, ensemble, student, evaluate
+    # 3 train-teacher, 3 extract, the ensemble, both students, evaluate
+    assert status.count("upstream prepare changed") == 10
     output = invoke("prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "prepare: building" in output and output.strip().endswith("waveforms.zarr")
     listing = invoke("cache", "ls", "--config", str(demo))
     assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 3
     dry = invoke("cache", "gc", "--config", str(demo), "--dry-run")
-    # the 0.6 store goes; the teachers and both students stay (evaluate scores the no-KD baseline too)
+    # the 0.6 store goes; the teachers and both students stay (the baseline is a stage of the demo's config)
     assert dry.count("would remove prepare/") == 1 and "would remove train-student/" not in dry
     assert "would remove train-teacher" not in dry and "would remove extract" not in dry
     assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 2

@@ -92,7 +92,7 @@ def test_cli_config_error_exits_2_without_traceback():
 def test_cli_config_show_resolves_overrides():
     result = CliRunner().invoke(app, ["config", "show", "--set", "student.width=2.5", "--stage", "prepare"])
     assert result.exit_code == 0, result.output
-    assert "student" not in result.output and "prepare.shard_clips: 256" in result.output
+    assert "student" not in result.output and "prepare:\n" in result.output and "  shard_clips: 256" in result.output
     shown = CliRunner().invoke(app, ["config", "show", "--set", "student.width=2.5"])
     assert "width: 2.5" in shown.output
 

@@ -79,11 +79,11 @@ def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, 
     flip_bytes(shards[0], offset=100, count=4000)
     with pytest.raises(KdpipeError, match=r"^damaged data: \S+waveforms.zarr: waveform rows \d+-\d+ fail their "
                        r"checksum\. Run `kdpipe verify`"):  # one line, also from a worker
-        pipeline.ensure("train-student")
+        pipeline.ensure("train-student/no-kd")
     (store_path / "labels" / "c" / "1" / "0").unlink()
     with pytest.raises(DamagedStore, match="labels rows 4-7 are missing"):
         make(small_demo, tmp_path, "student.kd.enabled=false", f"student.num_workers={workers}",
-             "student.seed=5").ensure("train-student")
+             "student.seed=5").ensure("train-student/no-kd")
 
 
 def test_an_ensemble_never_takes_a_lost_teacher_chunk_for_no_teacher(small_demo, tmp_path):

@@ -145,8 +145,9 @@ def test_user_errors_exit_2_with_a_message(trained_run, small_demo, tmp_path):
     cases = [
         ((str(tmp_path / "missing.wav"),), "does not exist"),
         ((str(tmp_path / "bad.wav"),), "not a readable audio file"),
-        ((clip, "--set=student.lr=0.01"), "train-student is stale for this config (student.lr: 0.0008 -> 0.01): "
-                                          "run `kdpipe train-student` first"),
+        ((clip, "--set=student.lr=0.01"), "train-student/no-kd is stale for this config (student.lr: 0.0008 -> "
+                                          "0.01): run `kdpipe train-student --baseline` first, with the same "
+                                          "--config and --set (or add --build)"),
         ((clip, "--model", "mn_tiny"), "run `kdpipe train-teacher --teacher mn_tiny` first"),
         ((clip, "--model", checkpoint, "--arch", "mn_tiny"), "does not match MobileNetV3"),
         ((clip, "--model", checkpoint), "a checkpoint file needs --arch"),

@@ -5,7 +5,15 @@ from types import ModuleType
 
 from kdpipe.config import load_config
 from kdpipe.fingerprint import NOT_RESULTS, code_closure, source_hash
+from kdpipe.runner import Pipeline
 from kdpipe.stages import build_stages
+
+RUN = ["teachers.0.arch=mn_tiny", "teachers.1.arch=passt_tiny", "evaluation.baseline=true"]
+
+
+def keys(tmp_path, *settings: str) -> dict[str, str]:
+    config = load_config(None, [f"cache_dir={tmp_path}", *RUN, *settings], check_files=False)
+    return Pipeline(build_stages(config), config).referenced_keys()
 
 
 def runtime_dependencies(module: ModuleType) -> set[str]:
@@ -41,7 +49,7 @@ def test_editing_an_imported_module_changes_the_key(monkeypatch):
     import kdpipe.models.windowing as windowing
 
     config = load_config(None, ["student.kd.enabled=false"], check_files=False)
-    student = next(stage for stage in build_stages(config) if stage.name == "train-student")
+    student = next(stage for stage in build_stages(config) if stage.name == "train-student/no-kd")
     assert windowing not in student.code and windowing in code_closure(student.code)
     before = source_hash(student.code)
     real = inspect.getsource
@@ -51,3 +59,27 @@ def test_editing_an_imported_module_changes_the_key(monkeypatch):
 
     monkeypatch.setattr(inspect, "getsource", edited)
     assert source_hash(student.code) != before
+
+
+def test_unkeyed_fields_never_reach_a_key(tmp_path):
+    """Fields marked unkeyed in the config schema (speed and placement) rebuild nothing; a keyed one does."""
+    base = keys(tmp_path)
+    assert set(base) == {"prepare", "train-teacher/mn_tiny", "train-teacher/passt_tiny", "extract/mn_tiny",
+                         "extract/passt_tiny", "extract-teachers", "train-student", "train-student/no-kd", "evaluate"}
+    speed_only = keys(tmp_path, "prepare.workers=3", "teacher_training.num_workers=0", "teacher_training.compile=true",
+                      "extract.batch_size=3", "extract.engine=dask", "extract.num_workers=5", "extract.compile=true",
+                      "extract.dask_workers=4", "student.num_workers=7", "student.compile=true",
+                      "evaluation.batch_size=5", "device=cpu")
+    assert speed_only == base
+    changed = keys(tmp_path, "student.lr=0.1")
+    assert {name for name in base if changed[name] != base[name]} == {"train-student", "train-student/no-kd",
+                                                                     "evaluate"}
+
+
+def test_the_baseline_is_one_build_for_every_kd_setting(tmp_path):
+    """The no-KD student's key ignores `student.kd`: a KD run's baseline is the no-KD run's student."""
+    base = keys(tmp_path)["train-student/no-kd"]
+    assert keys(tmp_path, "student.kd.temperature=3", "student.kd.label_weight=0.5")["train-student/no-kd"] == base
+    no_kd = keys(tmp_path, "student.kd.enabled=false")
+    assert "train-student" not in no_kd and no_kd["train-student/no-kd"] == base
+    assert "train-student/no-kd" not in keys(tmp_path, "evaluation.baseline=false")

@@ -19,14 +19,16 @@ from typer.testing import CliRunner
 from kdpipe import training
 from kdpipe.cli import app
 from kdpipe.collaborative import StudentGroup, collaborative_loss, mutual_term
-from kdpipe.distributed import Ranks, shard
+from kdpipe.distributed import shard
+from kdpipe.stage import Ranks
 from kdpipe.frontends import build_frontend
 from kdpipe.config import load_config
 from kdpipe.models import create_model, load_checkpoint
 from kdpipe.runner import Pipeline
 from kdpipe.training import Mixup
 from kdpipe.stages import build_stages
-from kdpipe.stages.train_student import build_student, kd_loss, trained_student
+from kdpipe.distill import kd_loss
+from kdpipe.students import build_student, trained_student
 
 import helpers
 
@@ -104,13 +106,16 @@ def test_no_kd_baseline_needs_no_teachers(small_demo, tmp_path):
     config = load_config(None, [item for item in settings(small_demo, tmp_path, "student.kd.enabled=false")
                                 if not item.startswith(("teachers.", "teacher_training."))])
     pipeline = Pipeline(build_stages(config), config)
-    assert pipeline.stage("train-student").upstream == ("prepare",)
-    pipeline.ensure("train-student")
-    with_kd = load_config(None, [item for item in settings(small_demo, tmp_path) if not item.startswith("teachers.")])
+    assert [name for name in pipeline.stages if name.startswith("train-student")] == ["train-student/no-kd"]
+    assert pipeline.stage("train-student/no-kd").upstream == ("prepare",)
+    pipeline.ensure("train-student/no-kd")
+    without_teachers = [f"--set={item}" for item in settings(small_demo, tmp_path) if not item.startswith("teachers.")]
+    with_kd = load_config(None, [item.removeprefix("--set=") for item in without_teachers])
     assert "train-student" not in [stage.name for stage in build_stages(with_kd)]
-    result = CliRunner().invoke(app, ["train-student", *[f"--set={item}" for item in settings(small_demo, tmp_path)
-                                                         if not item.startswith("teachers.")]])
+    result = CliRunner().invoke(app, ["train-student", *without_teachers])
     assert result.exit_code == 1 and "teachers is empty" in result.output
+    result = CliRunner().invoke(app, ["train-student", "--baseline", *without_teachers])  # the same build
+    assert result.exit_code == 0 and "train-student/no-kd: cached" in result.output
 
 
 def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, tmp_path):
@@ -245,8 +250,8 @@ def test_multi_representation_students_train_together_and_keep_the_best(small_de
     assert description["frontend"]["kind"] == line["best_member"]
     assert sorted(path.name for path in (out / "students").iterdir()) == ["mel.pt", "mfcc.pt", "stft.pt"]
     config = pipeline.config
-    student = trained_student(out, config, 12)
+    student = trained_student(out, config.student, 12)
     assert student.frontend_config == description["frontend"]
-    stft = build_student(config, 12, "stft")
+    stft = build_student(config.student, 12, "stft")
     load_checkpoint(stft, out / "students" / "stft.pt")  # each kept member is a plain student
     assert stft.frontend_config["kind"] == "stft"

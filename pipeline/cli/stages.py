@@ -1,0 +1,195 @@
+"""Commands that build: one per stage, `run` for all of them, and `demo`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kdpipe import config as config_module
+from kdpipe import console, stage_names
+from kdpipe.cli.common import (ConfigOption, ForceOption, NoWaitOption, SetOption, app, make_pipeline, resolve_config,
+                               user_errors)
+from kdpipe.errors import KdpipeError
+from kdpipe.runner import Pipeline
+from kdpipe.waveform_store import STORE_FILE
+
+
+@app.command()
+@user_errors
+def prepare(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+            no_wait: NoWaitOption = False) -> None:
+    """Decode every clip of the manifests into the int16 waveform store (Zarr)."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    out = pipeline.ensure(stage_names.PREPARE, force=force, wait=not no_wait)
+    console.out.print(str(out / STORE_FILE))
+
+
+@app.command("train-teacher")
+@user_errors
+def train_teacher(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", help="Teacher name (repeatable); "
+                                                       "default: every teacher without a checkpoint.")] = None,
+    force: ForceOption = False,
+    no_wait: NoWaitOption = False,
+) -> None:
+    """Train or fine-tune teachers on the prepared store with labels only; keeps the best epoch."""
+    resolved = resolve_config(config, set_)
+    pipeline = make_pipeline(resolved)
+    trainable = [t.label for t in resolved.teachers if t.trainable]
+    unknown = sorted(set(teacher or ()) - set(trainable))
+    if unknown:
+        raise KdpipeError(f"no trainable teacher named {', '.join(unknown)}; teachers without a checkpoint: "
+                          f"{', '.join(trainable) or 'none'}")
+    for name in teacher or trainable:
+        out = pipeline.ensure(stage_names.train_teacher(name), force=force, wait=not no_wait)
+        console.out.print(str(out / "best.pt"))
+
+
+@app.command("extract-teachers")
+@user_errors
+def extract_teachers(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+                     no_wait: NoWaitOption = False) -> None:
+    """Stage one: run every teacher over every clip once; store their logits and the ensemble (Zarr)."""
+    from kdpipe.logits_store import COMBINED_FILE
+
+    pipeline = make_pipeline(resolve_config(config, set_))
+    if stage_names.ENSEMBLE not in pipeline.stages:
+        raise KdpipeError("teachers is empty: list at least one teacher (arch and checkpoint) in the config")
+    out = pipeline.ensure(stage_names.ENSEMBLE, force=force, wait=not no_wait)
+    console.out.print(str(out / COMBINED_FILE))
+
+
+@app.command("train-student")
+@user_errors
+def train_student(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    width: Annotated[float | None, typer.Option(min=0.01, max=4.0, help="Width of a mobilenetv3 student "
+                                                "(mn04 = 0.4, mn10 = 1.0, mn20 = 2.0, mn40 = 4.0).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Any registry model as the student.")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Train the same student without KD "
+                                           "(stage train-student/no-kd), the baseline KD is measured "
+                                           "against.")] = False,
+    gpus: Annotated[int, typer.Option(min=1, help="Train data-parallel on this many GPUs (processes on a CPU) "
+                                      "with DDP; launches torchrun.")] = 1,
+    force: ForceOption = False,
+    no_wait: NoWaitOption = False,
+) -> None:
+    """Stage two: train a student against the stored teacher targets (reuses cached teacher logits)."""
+    from kdpipe import distributed
+
+    if gpus > 1 and not distributed.under_torchrun():
+        raise typer.Exit(distributed.launch(gpus, without_option(sys.argv[1:], "--gpus")))
+    flags = {"student.width": width, "student.arch": arch, "evaluation.baseline": True if baseline else None}
+    resolved = resolve_config(config, set_, flags)
+    name = stage_names.student(resolved.student.kd.enabled and not baseline)
+    if not distributed.under_torchrun():
+        out = _student_pipeline(make_pipeline(resolved), name).ensure(name, force=force, wait=not no_wait)
+        console.out.print(str(out / "best.pt"))
+        return
+    ranks = distributed.init(resolved.device)
+    try:
+        out = distributed.ensure_on_every_rank(_student_pipeline(make_pipeline(resolved, ranks), name), name,
+                                               ranks, force=force)
+    finally:
+        distributed.shutdown()
+    if out is not None:
+        console.out.print(str(out / "best.pt"))
+
+
+def _student_pipeline(pipeline: Pipeline, name: str) -> Pipeline:
+    """The pipeline, if it has the student stage asked for."""
+    if name not in pipeline.stages:
+        raise KdpipeError("student.kd.enabled is true but teachers is empty: list teachers, "
+                          "or train the baseline with --baseline")
+    return pipeline
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """argv with `option VALUE` / `option=VALUE` removed (to relaunch the same command under torchrun)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
+@app.command()
+@user_errors
+def evaluate(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+             no_wait: NoWaitOption = False) -> None:
+    """Score every teacher, the ensemble and every student on evaluation.split; write metrics, CSV and report.md."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    if stage_names.EVALUATE not in pipeline.stages:
+        raise KdpipeError("nothing to evaluate: list teachers, or train the baseline with "
+                          "--set student.kd.enabled=false")
+    out = pipeline.ensure(stage_names.EVALUATE, force=force, wait=not no_wait)
+    console.out.print(evaluation_table(out / "metrics.json", ("mAP", "mAUC", "d_prime", "lwlrap")))
+    console.out.print(str(out / "report.md"))
+
+
+def evaluation_table(metrics_json: Path, metrics: tuple[str, ...]) -> Table:
+    """One row per evaluated model: the chosen metrics, parameters, MACs per clip and clips/s."""
+    from kdpipe.report import format_count
+
+    result = json.loads(metrics_json.read_text())
+    names = {"mAP": "mAP", "mAUC": "mAUC", "d_prime": "d-prime", "lwlrap": "lwlrap"}
+    table = Table("model", *(f"{result['split']} {names[m]}" for m in metrics), "parameters",
+                  f"MACs ({result['clip_seconds']:g} s clip)", "clips/s",
+                  title=f"{result['clips']} {result['split']} clips; clips/s on {result['device']}")
+    for model in result["models"]:
+        size = ((format_count(model["parameters"]), format_count(model["macs"]), f"{model['clips_per_second']:.1f}")
+                if "parameters" in model else ("n/a",) * 3)
+        table.add_row(model["label"], *(f"{model[m]:.4f}" for m in metrics), *size)
+    return table
+
+
+@app.command()
+@user_errors
+def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+        no_wait: NoWaitOption = False) -> None:
+    """Bring every stage up to date, in order; cached stages cost nothing."""
+    pipeline = make_pipeline(resolve_config(config, set_))
+    for name in pipeline.stages:
+        pipeline.ensure(name, force=force, wait=not no_wait)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data and cache.")] = Path("kdpipe-demo"),
+    set_: SetOption = None,
+    missing_labels: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of train-clip events left unlabelled, as in AudioSet's weak labels: the "
+        "regime where teacher targets add what the labels lack.")] = 0.3,
+    force: ForceOption = False,
+) -> None:
+    """Generate the embedded demo data and run every stage on it with configs/demo.yaml."""
+    from kdpipe.demo_data import demo_config
+
+    started = time.time()
+    config, written = demo_config(out, set_ or [], missing_labels)
+    if written:
+        console.info(f"demo: wrote {written} synthetic clips to {config.data.sources[0].path.parent}")
+    resolved = out / "demo.yaml"
+    resolved.write_text(config_module.dump_yaml(config_module.to_plain(config)))
+    pipeline = make_pipeline(config)
+    for name in pipeline.stages:
+        pipeline.ensure(name, force=force)
+    evaluated = pipeline.built(stage_names.EVALUATE)
+    console.out.print(evaluation_table(evaluated / "metrics.json", ("mAP",)))
+    console.out.print(f"report: {evaluated / 'report.md'}")
+    console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
+    console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")

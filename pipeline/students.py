@@ -1,0 +1,76 @@
+"""Students: the network a config describes, and the students a finished training kept.
+
+A train-student output folder holds `student.json`, which says how to rebuild the kept student
+(its representation and weights file); multi-representation runs also keep plain students
+under `students/<representation>.pt`. Evaluation, predict and export read students only here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdpipe import atomic, collaborative, frontends
+from kdpipe.config import StudentConfig
+from kdpipe.models import create_model, load_checkpoint
+
+DESCRIPTION = "student.json"
+
+
+def build_student(student: StudentConfig, num_classes: int, representation: str = "mel") -> nn.Module:
+    """The student architecture; `student.width` applies to the width-free `mobilenetv3` entry.
+
+    `representation` swaps the model's mel frontend for MFCC or STFT features of the same shape.
+    """
+    extra = {"width": student.width} if student.arch == "mobilenetv3" else {}
+    model = create_model(student.arch, **{"num_classes": num_classes, **extra, **student.options})
+    if representation != "mel":
+        model.frontend_config = frontends.representation_config(model.frontend_config, representation)
+    return model
+
+
+def build_group(student: StudentConfig, num_classes: int, sample_rate: int
+                ) -> tuple[collaborative.StudentGroup, collaborative.RepresentationFrontends]:
+    """One student per configured representation, and their frontends."""
+    members = {rep: build_student(student, num_classes, rep) for rep in student.representations}
+    return (collaborative.StudentGroup(members), collaborative.RepresentationFrontends(
+        {rep: frontends.build_frontend(model.frontend_config, sample_rate) for rep, model in members.items()}))
+
+
+def keep_members(out_dir: Path, group: collaborative.StudentGroup, best_member: str, keep: str) -> str:
+    """Write the kept members' best weights as plain students; returns the best member's weights file."""
+    state = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
+    (out_dir / "students").mkdir(exist_ok=True)
+    for name in group.member_names if keep == "all" else (best_member,):
+        member = collaborative.member_state_dict(state, name)
+        atomic.write(out_dir / "students" / f"{name}.pt", lambda tmp: torch.save(member, tmp))
+    return f"students/{best_member}.pt"
+
+
+def describe(out_dir: Path, student: StudentConfig, num_classes: int, representation: str, weights: str
+             ) -> nn.Module:
+    """Write `student.json` for the kept student (checking its weights load) and return that student."""
+    kept = load_checkpoint(build_student(student, num_classes, representation), out_dir / weights)
+    atomic.write_text(out_dir / DESCRIPTION, json.dumps(
+        {"arch": student.arch, "representation": representation, "frontend": kept.frontend_config,
+         "weights": weights}, indent=2))
+    return kept
+
+
+def trained_student(out_dir: Path, student: StudentConfig, num_classes: int) -> nn.Module:
+    """The kept student of a finished train-student output, weights loaded, `frontend_config` set."""
+    description: dict[str, Any] = json.loads((out_dir / DESCRIPTION).read_text())
+    model = build_student(student, num_classes, description["representation"])
+    return load_checkpoint(model, out_dir / description["weights"])
+
+
+def kept_students(out_dir: Path, student: StudentConfig, num_classes: int) -> dict[str, nn.Module]:
+    """Every student a train-student output kept, by representation, weights loaded: the plain students
+    of a multi-representation run (all of them with `student.keep: all`), else the one student."""
+    kept = {path.stem: load_checkpoint(build_student(student, num_classes, path.stem), path)
+            for path in sorted((out_dir / "students").glob("*.pt"))}
+    return kept or {"mel": trained_student(out_dir, student, num_classes)}
