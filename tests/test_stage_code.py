@@ -83,3 +83,23 @@ def test_the_baseline_is_one_build_for_every_kd_setting(tmp_path):
     no_kd = keys(tmp_path, "student.kd.enabled=false")
     assert "train-student" not in no_kd and no_kd["train-student/no-kd"] == base
     assert "train-student/no-kd" not in keys(tmp_path, "evaluation.baseline=false")
+
+
+def test_the_library_is_one_layer_under_the_stages():
+    """No library module imports kdpipe.stages (the CLI aside), and no stage module imports another stage."""
+    import importlib
+    import pkgutil
+
+    import kdpipe
+    import kdpipe.stages
+    from kdpipe.fingerprint import kdpipe_imports
+
+    library = [name for _, name, _ in pkgutil.walk_packages(kdpipe.__path__, "kdpipe.")
+               if not name.startswith(("kdpipe.stages", "kdpipe.cli", "kdpipe.configs", "kdpipe.__main__"))]
+    assert "kdpipe.runner" in library and "kdpipe.models.mobilenet" in library
+    for name in library:
+        upward = {i for i in kdpipe_imports(importlib.import_module(name)) if i.startswith("kdpipe.stages")}
+        assert not upward, f"{name} imports {sorted(upward)}"
+    for _, name, _ in pkgutil.iter_modules(kdpipe.stages.__path__, "kdpipe.stages."):
+        sideways = {i for i in kdpipe_imports(importlib.import_module(name)) if i.startswith("kdpipe.stages")}
+        assert not sideways, f"{name} imports {sorted(sideways)}"
