@@ -31,6 +31,7 @@ from kdpipe.models import create_model
 from kdpipe.models.complexity import count_macs
 from kdpipe.models.windowing import clip_forward
 from kdpipe.training import label_loss, train_step
+from kdpipe.views import CLEAN, ViewParams, apply_views, view_params
 from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 AUDIOSET_CLASSES = 527
@@ -54,17 +55,24 @@ def random_store(path: Path, clips: int, seconds: float, sample_rate: int, class
     return path
 
 
-def naive_logits(model: torch.nn.Module, frontend: torch.nn.Module, wave: np.ndarray, device: torch.device) -> None:
-    """The reference repos' way: one clip, fp32, features computed on the CPU, then the model on the device."""
+def naive_logits(model: torch.nn.Module, frontend: torch.nn.Module, wave: np.ndarray, device: torch.device,
+                 view: ViewParams | None = None) -> None:
+    """The reference repos' way: one clip (or one view of it), fp32, audio and features computed on the CPU,
+    then the model on the device."""
     with torch.no_grad():
-        features = frontend(int16_to_float(torch.from_numpy(wave[None]))).to(device)
-        clip_forward(model, features)
+        audio = int16_to_float(torch.from_numpy(wave[None]))
+        if view is not None:
+            audio = apply_views(audio, view)
+        clip_forward(model, frontend(audio).to(device))
 
 
 def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device: torch.device,
                   num_workers: int, naive_clips: int, compile: bool = False, precision: str = "auto",
-                  rounds: int = 3) -> dict[str, Any]:
+                  rounds: int = 3, views: int = 0) -> dict[str, Any]:
     """Our extraction path against the naive loop, alternating for `rounds` rounds.
+
+    With `views`, every clip is also run as that many augmented views (kdpipe.views), batched like clips
+    on our path and one at a time in the naive loop; throughput is then in clip-views per second.
 
     A shared machine's speed drifts by tens of percent within a minute; pairing each of our
     passes with a naive pass run right after it, and taking the median of the paired ratios,
@@ -77,8 +85,8 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
         store_path = random_store(root / "waves.zarr", clips, seconds, sample_rate, AUDIOSET_CLASSES)
         checkpoint = root / "teacher.pt"
         torch.save(model.state_dict(), checkpoint)
-        teacher = Teacher(TeacherSpec(arch, arch, checkpoint, precision=precision, compile=compile), sample_rate,
-                          device, batch_size)
+        spec = TeacherSpec(arch, arch, checkpoint, precision=precision, compile=compile, views=views)
+        teacher = Teacher(spec, sample_rate, device, batch_size)
         store = WaveformStore.open(store_path)
         warm = torch.from_numpy(store.read(np.arange(min(batch_size, clips))))
         teacher.logits(warm)  # warm-up: kernels, allocator
@@ -91,14 +99,18 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
             torch.cuda.reset_peak_memory_stats()
         ours, naive = [], []
         for round_ in range(rounds):
-            logits = TeacherLogits.create(root / f"logits_{round_}.zarr", clips, AUDIOSET_CLASSES, 4096, "float16", {})
-            ours.append(clips / extract_local(teacher, store_path, logits, list(range(logits.n_chunks)), batch_size,
-                                              num_workers))
+            logits = TeacherLogits.create(root / f"logits_{round_}.zarr", clips, AUDIOSET_CLASSES, 4096, "float16", {},
+                                          views)
+            ours.append(clips * (1 + views) / extract_local(teacher, store_path, logits,
+                                                            list(range(logits.n_chunks)), batch_size, num_workers))
             started = time.perf_counter()
-            for wave in console.track((store.read(np.array([row]))[0] for row in rows), len(rows), "naive loop"):
-                naive_logits(model, frontend, wave, device)
+            for row in console.track(rows, len(rows), "naive loop"):
+                wave = store.read(np.array([row]))[0]
+                for view in (CLEAN, *range(views)):
+                    naive_logits(model, frontend, wave, device, view_params([row], view, 0, spec.augment,
+                                                                            sample_rate, wave.shape[0]))
             _sync(device)
-            naive.append(len(rows) / (time.perf_counter() - started))
+            naive.append(len(rows) * (1 + views) / (time.perf_counter() - started))
         peak_memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
         frames = teacher.frontend(int16_to_float(warm[:1].to(device))).shape
@@ -108,7 +120,7 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
     ratios = [o / n for o, n in zip(ours, naive)]
     result = {"teacher": arch, "device": device_name(device), "clips": clips, "naive_clips": len(rows),
               "rounds": rounds, "seconds_per_clip": seconds, "batch_size": teacher.batch_size, "compiled": compile,
-              "precision": teacher.precision, "ours_clips_per_s": float(np.median(ours)),
+              "precision": teacher.precision, "views": views, "ours_clips_per_s": float(np.median(ours)),
               "naive_clips_per_s": float(np.median(naive)), "speedup": float(np.median(ratios)),
               "speedup_range": f"{min(ratios):.2f}-{max(ratios):.2f}", "gmacs_per_clip": macs / 1e9,
               "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -21,6 +21,7 @@ from kdpipe.errors import ConfigError, KdpipeError
 
 if TYPE_CHECKING:
     from kdpipe.training import FitSettings
+    from kdpipe.views import ViewAugment
 
 
 class _Section(BaseModel):
@@ -48,6 +49,8 @@ class SourceConfig(_Section):
     path: Path = Field(description="manifest CSV, AudioSet segments CSV or HDF5 file")
     audio_dir: Path | None = Field(None, description="folder with the audio files (format: audioset)")
     split: str | None = Field(None, description="split for clips that name none (e.g. train, eval)")
+    labels: Literal["given", "none"] = Field("given", description="none: unlabelled audio, whatever the source "
+                                             "lists; its clips teach through the teachers' targets only")
 
 
 class DataConfig(_Section):
@@ -174,6 +177,31 @@ class TeacherTrainingConfig(TrainingConfig):
     rampdown_epochs: int = Field(20, ge=1)
 
 
+class AugmentConfig(_Section):
+    """How the views of a clip are augmented, in the waveform domain (kdpipe.views defines each step);
+    0 (or p = 0) switches a step off."""
+
+    shift_s: float = Field(5.0, ge=0, description="largest time shift either way, seconds (CED: half the clip)")
+    roll: bool = Field(True, description="shifted audio rolls around the clip end (else zero-filled)")
+    gain_db: float = Field(6.0, ge=0, description="gain drawn uniformly in [-gain_db, +gain_db] dB")
+    time_masks: int = Field(1, ge=0, le=16, description="zeroed spans per view")
+    time_mask_s: float = Field(1.92, ge=0, description="longest zeroed span, seconds")
+    lowpass_p: float = Field(0.5, ge=0, le=1, description="share of views that are band-limited")
+    lowpass_hz: tuple[float, float] = Field((2000.0, 8000.0), description="low-pass cutoff range, Hz")
+
+    @field_validator("lowpass_hz")
+    @classmethod
+    def _ordered(cls, band: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < band[0] <= band[1]:
+            raise ValueError("a range [low, high] with 0 < low <= high")
+        return band
+
+    def settings(self) -> ViewAugment:
+        from kdpipe.views import ViewAugment
+
+        return ViewAugment(**self.model_dump())
+
+
 class ExtractConfig(_Section):
     batch_size: int = unkeyed(64, "clips per forward pass; halves itself on out-of-memory", ge=1)
     dtype: Literal["float16", "float32"] = Field("float16", description="stored logits")
@@ -186,12 +214,23 @@ class ExtractConfig(_Section):
     compile: bool = unkeyed(False, "torch.compile the teachers (a minute to compile; mn10 ~2x on a CPU)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description=PRECISION)
+    views: int = Field(0, ge=0, le=1000, description="consistent teaching (CED): also run every teacher on this "
+                       "many augmented views of every clip; 0 = clean clips only (EfficientAT)")
+    view_seed: int = Field(0, ge=0, description="with the row and the view index, fixes each view's augmentation")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    topk: int = Field(0, ge=0, description="keep the ensemble's top-k logits per view (values and class "
+                      "indexes); 0 = every class")
 
 
 class KDConfig(_Section):
     enabled: bool = True
     label_weight: float = Field(0.1, ge=0, le=1, description="lambda: weight of the label loss")
     temperature: float = Field(1.0, gt=0)
+    views: bool | None = Field(None, description="learn view e mod K at epoch e from its target, reproducing its "
+                               "audio (consistent teaching); default: true when extract.views > 0")
+    topk_fill: Literal["zero", "last_mean", "min"] = Field(
+        "zero", description="what the classes outside a view's top-k become (kdpipe.topk): zero (CED's recipe: "
+        "probability ~0), last_mean (CED's reader default), or min (the smallest kept logit)")
 
 
 class StudentConfig(TrainingConfig):
@@ -243,9 +282,25 @@ class Config(_Section):
                           pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     seed: int = Field(0, ge=0)
 
+    @property
+    def learns_from_views(self) -> bool:
+        """Consistent teaching: the KD student learns each epoch's view from its stored target."""
+        views = self.extract.views > 0 if self.student.kd.views is None else self.student.kd.views
+        return self.student.kd.enabled and views
+
     def teacher(self, label: str) -> TeacherConfig:
         """The teacher entry called `label`."""
         return next(teacher for teacher in self.teachers if teacher.label == label)
+
+    @model_validator(mode="after")
+    def _views_have_their_targets(self) -> Config:
+        if self.student.kd.views and not self.extract.views:
+            raise ValueError("student.kd.views: true needs views to learn from; set extract.views > 0")
+        imported = [teacher.label for teacher in self.teachers if teacher.logits is not None]
+        if self.extract.views and imported:
+            raise ValueError(f"extract.views: imported logits ({', '.join(imported)}) have no views; "
+                             "use model teachers, or extract.views: 0")
+        return self
 
     @field_validator("teachers")
     @classmethod
@@ -413,6 +468,7 @@ def resolved_settings(config: Config) -> Config:
     Every spelling of one run then has one key: `student.seed` unset and set to `seed`; a teacher's
     `name` unset and set to its arch; `student.arch: mn10` and `mobilenetv3` at width 1.0 (and
     `student.width`, which only `mobilenetv3` reads, at its default for every other arch);
+    `student.kd.views` unset and what it defaults to (extract.views > 0);
     `precision: auto` and the precision it means on `device` (kdpipe.devices); a relative path
     and the absolute one (relative paths are relative to the working directory).
     """
@@ -428,6 +484,8 @@ def resolved_settings(config: Config) -> Config:
         student["width"] = StudentConfig.model_fields["width"].default
     for teacher, entry in zip(config.teachers, data["teachers"]):
         entry["name"] = teacher.label
+    if student["kd"]["views"] is None:
+        student["kd"]["views"] = config.extract.views > 0
     device = resolve_device(config.device)
     for section in ("teacher_training", "extract", "student"):
         data[section]["precision"] = resolve_precision(data[section]["precision"], device)

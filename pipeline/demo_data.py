@@ -31,6 +31,7 @@ class DemoDataset:
     manifest: Path  # root / "manifest.csv"
     class_list: Path  # root / "class_labels_indices.csv"
     n_clips: int
+    unlabelled: Path | None = None  # root / "unlabelled.csv": train clips whose labels are not given
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ _CLASSES: tuple[tuple[str, str, EventFn], ...] = (
 )
 DEMO_CLASSES: tuple[tuple[str, str], ...] = tuple((mid, name) for mid, name, _ in _CLASSES)
 
-_SPLIT_SEEDS = {"train": 0, "eval": 1}
+_SPLIT_SEEDS = {"train": 0, "eval": 1, "unlabelled": 2}
 _OGG_SERIAL = 0x6B647069  # fixed stream serial: libsndfile picks a random one per file
 
 
@@ -249,7 +250,7 @@ def _weak_labels(rng: np.random.Generator, classes: list[int], missing_labels: f
 
 def write_demo_dataset(
     root: Path, *, n_train: int = 240, n_eval: int = 80, clip_seconds: float = 2.0, seed: int = 0,
-    missing_labels: float = 0.0,
+    missing_labels: float = 0.0, n_unlabelled: int = 0,
 ) -> DemoDataset:
     """Generate (or regenerate, overwriting) the demo dataset under ``root``.
 
@@ -258,6 +259,8 @@ def write_demo_dataset(
     clips do not change when ``n_train`` does. Train labels are display names, eval labels
     are mids, so both spellings the manifest accepts are exercised. `missing_labels` leaves
     events of train clips unlabelled, as AudioSet's annotators often did; eval labels stay complete.
+    `n_unlabelled` more train clips go to `unlabelled.csv` with their labels listed (for checking);
+    a source with `labels: none` reads them as unlabelled audio.
     """
     if clip_seconds < 0.1:
         raise ValueError(f"clip_seconds must be at least 0.1, got {clip_seconds}")
@@ -266,8 +269,8 @@ def write_demo_dataset(
     audio_dir.mkdir(parents=True, exist_ok=True)
     for stale in audio_dir.glob("demo_*"):  # clips left by an earlier, larger run
         stale.unlink()
-    rows: list[tuple[str, str, str, str]] = []
-    for split, n_clips in (("train", n_train), ("eval", n_eval)):
+    rows: dict[str, list[tuple[str, str, str, str]]] = {"train": [], "eval": [], "unlabelled": []}
+    for split, n_clips in (("train", n_train), ("eval", n_eval), ("unlabelled", n_unlabelled)):
         for index in range(n_clips):
             rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_SEEDS[split], index]))
             fmt, classes = _clip_format(index), _choose_classes(rng, index)
@@ -276,24 +279,41 @@ def write_demo_dataset(
             _write_clip(root / rel_path, _render_clip(rng, classes, fmt, clip_seconds), fmt)
             labelled = _weak_labels(rng, classes, missing_labels) if split == "train" else classes
             labels = [DEMO_CLASSES[c][1 if split == "train" else 0] for c in labelled]
-            rows.append((clip_id, rel_path, ";".join(labels), split))
+            rows[split].append((clip_id, rel_path, ";".join(labels), "eval" if split == "eval" else "train"))
     manifest, class_list = root / "manifest.csv", root / "class_labels_indices.csv"
-    _write_manifest(manifest, rows)
+    _write_manifest(manifest, rows["train"] + rows["eval"])
     _write_class_list(class_list)
-    return DemoDataset(root=root, manifest=manifest, class_list=class_list, n_clips=len(rows))
+    unlabelled = root / "unlabelled.csv"
+    if n_unlabelled:
+        _write_manifest(unlabelled, rows["unlabelled"])
+    else:
+        unlabelled.unlink(missing_ok=True)
+    return DemoDataset(root=root, manifest=manifest, class_list=class_list, n_clips=n_train + n_eval,
+                       unlabelled=unlabelled if n_unlabelled else None)
 
 
-def demo_config(out: Path, overrides: list[str], missing_labels: float) -> tuple[Config, int]:
-    """configs/demo.yaml with its data and cache under `out`, and the number of clips generated for it
-    (0 when the data is already there)."""
+def demo_config(out: Path, overrides: list[str], missing_labels: float, unlabelled: int = 0) -> tuple[Config, int]:
+    """configs/demo.yaml with its data and cache under `out` (and, with `unlabelled` clips, a second source of
+    unlabelled audio), and the number of clips generated for it (0 when the data is already there)."""
+    data = out / "data"
+    sources = [f"data.sources.0.path={data / 'manifest.csv'}"]
+    if unlabelled:
+        sources += [f"data.sources.1.path={data / 'unlabelled.csv'}", "data.sources.1.labels=none"]
     with resources.as_file(resources.files("kdpipe.configs").joinpath("demo.yaml")) as path:
-        config = load_config(path, [f"cache_dir={out / 'cache'}", f"data.sources.0.path={out / 'data' / 'manifest.csv'}",
-                                    f"data.class_list={out / 'data' / 'class_labels_indices.csv'}", *overrides],
+        config = load_config(path, [f"cache_dir={out / 'cache'}", *sources,
+                                    f"data.class_list={data / 'class_labels_indices.csv'}", *overrides],
                              check_files=False)
     written = 0
-    if not config.data.sources[0].path.is_file():
-        written = write_demo_dataset(config.data.sources[0].path.parent, clip_seconds=config.data.clip_seconds,
-                                     seed=config.seed, missing_labels=missing_labels).n_clips
+    have = len(_manifest_rows(data / "unlabelled.csv"))
+    if not (data / "manifest.csv").is_file() or have != unlabelled:
+        dataset = write_demo_dataset(data, clip_seconds=config.data.clip_seconds, seed=config.seed,
+                                     missing_labels=missing_labels, n_unlabelled=unlabelled)
+        written = dataset.n_clips + unlabelled
     check_input_files(config)
     out.mkdir(parents=True, exist_ok=True)
     return config, written
+
+
+def _manifest_rows(path: Path) -> list[str]:
+    """The data rows of a manifest (none when it does not exist)."""
+    return path.read_text().splitlines()[1:] if path.is_file() else []

@@ -6,6 +6,10 @@ model computes; features are computed on the device; inference runs under
 device memory is split in halves (and later batches with it). Batches never
 straddle a chunk, so a chunk's logits do not depend on which chunks ran before:
 a resumed or distributed extraction writes the same bytes as an uninterrupted one.
+
+With views (`extract.views` = K > 0), each batch also runs K more times, once per view: the
+same clips augmented in the waveform domain as kdpipe.views defines them, so stage two can
+rebuild exactly the audio each stored view target was computed on.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ from kdpipe.loader import batch_loader, sequential_batches
 from kdpipe.logits_store import TeacherLogits
 from kdpipe.models import create_model
 from kdpipe.models.windowing import clip_forward
+from kdpipe.views import CLEAN, ViewAugment, apply_views, view_params
 from kdpipe.waveform_store import WaveformStore
+
+Block = tuple[np.ndarray, np.ndarray | None]
+"""One chunk's logits (rows, C) and, with views, its view logits (rows, K, C)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,9 @@ class TeacherSpec:
     frontend: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # resolved on the device that runs it (kdpipe.devices)
     compile: bool = False
+    views: int = 0  # augmented views per clip besides the clean clip
+    view_seed: int = 0
+    augment: ViewAugment = field(default_factory=ViewAugment)
 
 
 class Teacher:
@@ -61,25 +72,43 @@ class Teacher:
         self.forward = torch.compile(self.model, dynamic=False, options=options) if spec.compile else self.model
         self.frontend = build_frontend({**self.model.frontend_config, **spec.frontend}, store_sample_rate)
         self.frontend.eval().to(device)
+        self.sample_rate = store_sample_rate
         self.batch_size = batch_size
 
     @torch.inference_mode()
-    def logits(self, waves: torch.Tensor) -> torch.Tensor:
-        """float32 logits for an int16 batch; halves the batch on out-of-memory and remembers it."""
-        if len(waves) > self.batch_size:
-            return torch.cat([self.logits(part) for part in waves.split(self.batch_size)])
+    def logits(self, waves: torch.Tensor, view: int = CLEAN, rows: np.ndarray | None = None) -> torch.Tensor:
+        """float32 logits of an int16 batch, or of view `view` of its clips (`rows`: their store rows)."""
+        floats = int16_to_float(waves.to(self.device, non_blocking=True))
+        if view != CLEAN:
+            assert rows is not None, "a view is a function of the clip's store row"
+            floats = apply_views(floats, view_params(rows, view, self.spec.view_seed, self.spec.augment,
+                                                     self.sample_rate, floats.shape[1]))
+        return self._batched(floats)
+
+    def outputs(self, waves: torch.Tensor, rows: np.ndarray) -> Block:
+        """A batch's clean logits and, with views, every view's: views are batched like clips."""
+        clean = self.logits(waves).cpu().numpy()
+        if not self.spec.views:
+            return clean, None
+        return clean, np.stack([self.logits(waves, view, rows).cpu().numpy() for view in range(self.spec.views)],
+                               axis=1)
+
+    def _batched(self, floats: torch.Tensor) -> torch.Tensor:
+        """Logits batch by batch; halves the batch on out-of-memory and remembers it."""
+        if len(floats) > self.batch_size:
+            return torch.cat([self._batched(part) for part in floats.split(self.batch_size)])
         try:
-            return self._forward(waves)
+            return self._forward(floats)
         except torch.OutOfMemoryError:
             if self.batch_size == 1:
                 raise
             self.batch_size = max(1, self.batch_size // 2)
             torch.cuda.empty_cache()
             console.info(f"{self.spec.name}: out of device memory, batch size now {self.batch_size}")
-            return self.logits(waves)
+            return self._batched(floats)
 
-    def _forward(self, waves: torch.Tensor) -> torch.Tensor:
-        features = self.frontend(int16_to_float(waves.to(self.device, non_blocking=True)))
+    def _forward(self, floats: torch.Tensor) -> torch.Tensor:
+        features = self.frontend(floats)
         features = features.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = clip_forward(self.forward, features, getattr(self.model, "max_frames", None))
@@ -101,12 +130,27 @@ def run_chunk(teacher: Teacher, store: WaveformStore, logits: TeacherLogits, chu
               batch_size: int) -> int:
     """Compute and write one whole chunk (the dask task body); returns the clips computed."""
     rows = logits.chunk_rows(chunk)
-    block = np.full((len(rows), logits.logits.shape[1]), np.nan, dtype=np.float32)
+    block = empty_block(logits, chunk)
     for batch in chunk_batches(logits, chunk, valid, batch_size):
-        block[batch - rows.start] = teacher.logits(torch.from_numpy(store.read(batch))).cpu().numpy()
+        fill(block, batch - rows.start, teacher.outputs(torch.from_numpy(store.read(batch)), batch))
     check_finite(block, rows, valid, store, teacher.spec.name)
-    logits.write_chunk(chunk, block)
+    logits.write_chunk(chunk, *block)
     return valid_clips(logits, [chunk], valid)
+
+
+def empty_block(logits: TeacherLogits, chunk: int) -> Block:
+    """A chunk's logits (and views) before any batch: NaN, the mark of a row without audio."""
+    rows = len(logits.chunk_rows(chunk))
+    n_classes = logits.logits.shape[1]
+    views = np.full((rows, logits.n_views, n_classes), np.nan, np.float32) if logits.n_views else None
+    return np.full((rows, n_classes), np.nan, np.float32), views
+
+
+def fill(block: Block, positions: np.ndarray, outputs: Block) -> None:
+    """Put one batch's outputs at its rows' positions in the chunk."""
+    block[0][positions] = outputs[0]
+    if block[1] is not None:
+        block[1][positions] = outputs[1]
 
 
 def extract_local(teacher: Teacher, store_path: Path, logits: TeacherLogits, todo: list[int], batch_size: int,
@@ -124,30 +168,34 @@ def extract_local(teacher: Teacher, store_path: Path, logits: TeacherLogits, tod
         for chunk, block in _chunks(teacher, logits, todo, plan, loader, bar, task):
             rows = logits.chunk_rows(chunk)
             check_finite(block, rows, valid, store, teacher.spec.name)
-            logits.write_chunk(chunk, block)
+            logits.write_chunk(chunk, *block)
             logits.mark_done(chunk)
     return time.perf_counter() - started
 
 
 def _chunks(teacher: Teacher, logits: TeacherLogits, todo: list[int], plan: list[tuple[int, np.ndarray]],
-            loader, bar, task) -> Iterator[tuple[int, np.ndarray]]:
+            loader, bar, task) -> Iterator[tuple[int, Block]]:
     """Assemble loader batches into whole chunks, yielding each chunk as soon as it is complete."""
     pending = {chunk: sum(1 for c, _ in plan if c == chunk) for chunk in todo}
-    blocks = {chunk: np.full((len(logits.chunk_rows(chunk)), logits.logits.shape[1]), np.nan, np.float32)
-              for chunk in todo}
+    blocks = {chunk: empty_block(logits, chunk) for chunk in todo}
     for chunk in [c for c in todo if pending[c] == 0]:  # chunks with no decodable clip
         yield chunk, blocks.pop(chunk)
     for (chunk, _batch), (waves, rows) in zip(plan, loader):
-        blocks[chunk][rows.numpy() - logits.chunk_rows(chunk).start] = teacher.logits(waves).cpu().numpy()
+        batch = rows.numpy()
+        fill(blocks[chunk], batch - logits.chunk_rows(chunk).start, teacher.outputs(waves, batch))
         bar.advance(task, len(rows))
         pending[chunk] -= 1
         if pending[chunk] == 0:
             yield chunk, blocks.pop(chunk)
 
 
-def check_finite(block: np.ndarray, rows: range, valid: np.ndarray, store: WaveformStore, name: str) -> None:
+def check_finite(block: Block, rows: range, valid: np.ndarray, store: WaveformStore, name: str) -> None:
     """A teacher must never hand NaN or Inf targets to stage two: fail loudly, naming the clip."""
-    bad = ~np.isfinite(block).all(axis=1) & valid[rows.start:rows.stop]
+    logits, views = block
+    bad = ~np.isfinite(logits).all(axis=1)
+    if views is not None:
+        bad |= ~np.isfinite(views).all(axis=(1, 2))
+    bad &= valid[rows.start:rows.stop]
     if bad.any():
         row = rows.start + int(np.flatnonzero(bad)[0])
         clip_id = store.group["clip_id"][row]

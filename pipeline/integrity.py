@@ -129,15 +129,16 @@ def repair(path: Path, damage: list[Damage]) -> bool:
 
 
 def read_rows(array: zarr.Array, store: Path, start: int = 0, stop: int | None = None,
-              rows: np.ndarray | None = None) -> np.ndarray:
-    """`array[start:stop]` (or the listed `rows`, reading only their chunks), with a chunk that fails its
-    checksum reported as damage of `store`."""
+              rows: np.ndarray | None = None, column: int | None = None) -> np.ndarray:
+    """`array[start:stop]` (or the listed `rows`, reading only their chunks; with `column`, only that index
+    of the second axis), with a chunk that fails its checksum reported as damage of `store`."""
     stop = array.shape[0] if stop is None else stop
+    column_index = () if column is None else (column,)
     try:
         if rows is not None:
             start, stop = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
-            return array.oindex[rows]
-        return array[start:stop]
+            return array.oindex[(rows, *column_index)]
+        return array[(slice(start, stop), *column_index)]
     except ValueError as exc:
         if "checksum" not in str(exc).lower():
             raise

@@ -2,11 +2,16 @@
 
 Per teacher (`logits.zarr`, the unit of caching and resume):
   logits (N, C) float16|float32, NaN fill: a row never written reads as NaN
-  done   (chunks,) bool: chunks completely written, set after their data
+  views  (N, K, C) the same, for the K augmented views of each clip (extract.views > 0 only;
+         chunked one view at a time, so a training epoch reads only its view)
+  done   (chunks,) bool: chunks completely written (logits and views), set after their data
 Combined (`teachers.zarr`, what stage two reads):
   clip_id (N,) str                       aligned with the waveform store
   teachers/<name>/logits (N, C)          copied from each teacher's store
   ensemble/logits (N, C)                 weighted mean of the teachers
+  ensemble/views (N, K, C)               the same for each view (views only; every class), or
+  ensemble/views_topk/values (N, K, k)   the view's k largest ensemble logits (extract.topk > 0),
+  ensemble/views_topk/indexes (N, K, k)  and their int16 class indexes (kdpipe.topk)
 Rows are the waveform store's rows, so no lookup by id is ever needed inside
 kdpipe; `clip_id` is there for export and for humans.
 """
@@ -21,6 +26,7 @@ import zarr
 
 from kdpipe.errors import KdpipeError
 from kdpipe.integrity import array_settings, check_written, read_rows
+from kdpipe.topk import INDEX_DTYPE, Fill, expand_topk, keep_topk
 from kdpipe.zarr_groups import create_done_flags, open_group
 
 TEACHER_FORMAT = "kdpipe.teacher-logits/1"
@@ -36,18 +42,28 @@ class TeacherLogits:
         self.group = group
         self.path = path
         self.logits: zarr.Array = group["logits"]
+        self.views: zarr.Array | None = group["views"] if "views" in group else None
         self.chunk_clips: int = self.logits.chunks[0]
 
     @classmethod
     def create(cls, path: Path, n_clips: int, n_classes: int, chunk_clips: int, dtype: str,
-               attributes: dict[str, Any]) -> TeacherLogits:
+               attributes: dict[str, Any], views: int = 0) -> TeacherLogits:
         chunk_clips = max(1, min(chunk_clips, n_clips))
-        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT, "unit_arrays": ["logits"],
+        arrays = ["logits", "views"] if views else ["logits"]
+        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT, "unit_arrays": arrays,
                                                              **attributes})
         group.create_array("logits", shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk_clips, n_classes),
                            fill_value=np.nan, dimension_names=("clip", "class"), **array_settings())
+        if views:
+            group.create_array("views", shape=(n_clips, views, n_classes), dtype=dtype,
+                               chunks=(chunk_clips, 1, n_classes), fill_value=np.nan,
+                               dimension_names=("clip", "view", "class"), **array_settings())
         create_done_flags(group, -(-n_clips // chunk_clips))
         return cls(group, path)
+
+    @property
+    def n_views(self) -> int:
+        return 0 if self.views is None else self.views.shape[1]
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> TeacherLogits:
@@ -61,6 +77,11 @@ class TeacherLogits:
         """Rows start:stop (all by default), checksum-verified."""
         return read_rows(self.logits, self.path, start, stop)
 
+    def read_views(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(rows, K, C) view logits of rows start:stop, checksum-verified."""
+        assert self.views is not None, "this teacher was extracted without views"
+        return read_rows(self.views, self.path, start, stop)
+
     @property
     def n_chunks(self) -> int:
         return self.group["done"].shape[0]
@@ -69,10 +90,14 @@ class TeacherLogits:
         start = chunk * self.chunk_clips
         return range(start, min(start + self.chunk_clips, self.logits.shape[0]))
 
-    def write_chunk(self, chunk: int, logits: np.ndarray) -> None:
-        """Write one whole chunk (rows without audio stay NaN); the caller is its only writer."""
+    def write_chunk(self, chunk: int, logits: np.ndarray, views: np.ndarray | None = None) -> None:
+        """Write one whole chunk, and its views when the store has them (rows without audio stay NaN);
+        the caller is its only writer."""
         rows = self.chunk_rows(chunk)
         self.logits[rows.start:rows.stop] = logits
+        if self.views is not None:
+            assert views is not None, "a store with views needs every chunk's views"
+            self.views[rows.start:rows.stop] = views
 
     def mark_done(self, chunk: int) -> None:
         self.group["done"][chunk] = True
@@ -82,8 +107,10 @@ class TeacherLogits:
 
 
 def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, TeacherLogits], weights: dict[str, float],
-                   ensemble: str, dtype: str, attributes: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
-    """Copy each teacher's logits and add their weighted ensemble (mean of logits or of probabilities).
+                   ensemble: str, dtype: str, attributes: dict[str, Any], expected: dict[str, np.ndarray],
+                   topk: int = 0) -> None:
+    """Copy each teacher's logits and add their weighted ensemble (mean of logits or of probabilities);
+    with views, the ensemble of each view too, whole or as its top-k (`topk` > 0).
 
     `expected[name]` marks the rows that must have that teacher's logits (decoded clips; for imported
     logits, none): a NaN there is an error, never "no teacher", so a lost chunk cannot turn into
@@ -99,17 +126,55 @@ def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, Teacher
     copies = {name: group.create_array(f"teachers/{name}/logits", attributes=dict(store.group.attrs), **spec)
               for name, store in teachers.items()}
     mean = group.create_array("ensemble/logits", attributes={"weights": weights, "mode": ensemble}, **spec)
+    n_views = {store.n_views for store in teachers.values()}
+    if len(n_views) != 1:
+        raise KdpipeError(f"the teachers were extracted with different numbers of views ({sorted(n_views)})")
+    views = _view_arrays(group, n_clips, n_views.pop(), n_classes, chunk, dtype, topk)
     total = sum(weights.values())
     for start in range(0, n_clips, chunk):
         block = {name: store.read(start, start + chunk).astype(np.float32) for name, store in teachers.items()}
         for name, values in block.items():
-            missing = np.flatnonzero(expected[name][start:start + chunk] & ~np.isfinite(values).all(axis=1))
-            if len(missing):
-                raise KdpipeError(f"{teachers[name].path}: rows {', '.join(str(start + r) for r in missing[:5])} "
-                                  f"should have teacher {name}'s logits and do not; run `kdpipe verify` and "
-                                  "`kdpipe run` to rebuild them")
+            _check_present(values, expected[name][start:start + chunk], start, teachers[name].path, name)
             copies[name][start:start + chunk] = values
         mean[start:start + chunk] = ensemble_of(block, weights, ensemble, total)
+        if views is None:
+            continue
+        view_block = {name: store.read_views(start, start + chunk).astype(np.float32)
+                      for name, store in teachers.items()}
+        for name, values in view_block.items():
+            _check_present(values.reshape(len(values), -1), expected[name][start:start + chunk], start,
+                           teachers[name].path, name)
+        combined = ensemble_of(view_block, weights, ensemble, total)
+        if topk:
+            values, indexes = keep_topk(combined, topk, dtype)
+            views[0][start:start + chunk], views[1][start:start + chunk] = values, indexes
+        else:
+            views[0][start:start + chunk] = combined
+
+
+def _view_arrays(group: zarr.Group, n_clips: int, n_views: int, n_classes: int, chunk: int, dtype: str,
+                 topk: int) -> tuple[zarr.Array, ...] | None:
+    """The ensemble's view arrays: (views,) whole, (values, indexes) as top-k, or None without views."""
+    if not n_views:
+        return None
+    if not topk or topk >= n_classes:
+        return (group.create_array("ensemble/views", shape=(n_clips, n_views, n_classes), dtype=dtype,
+                                   chunks=(chunk, 1, n_classes), fill_value=np.nan,
+                                   dimension_names=("clip", "view", "class"), **array_settings()),)
+    shape, chunks = (n_clips, n_views, topk), (chunk, 1, topk)
+    names = ("clip", "view", "rank")
+    return (group.create_array("ensemble/views_topk/values", shape=shape, dtype=dtype, chunks=chunks,
+                               fill_value=np.nan, dimension_names=names, **array_settings()),
+            group.create_array("ensemble/views_topk/indexes", shape=shape, dtype=INDEX_DTYPE, chunks=chunks,
+                               fill_value=-1, dimension_names=names, **array_settings()))
+
+
+def _check_present(values: np.ndarray, expected: np.ndarray, start: int, store: Path, name: str) -> None:
+    """Rows that must have the teacher's logits and do not: an error, never "no teacher"."""
+    missing = np.flatnonzero(expected & ~np.isfinite(values).all(axis=1))
+    if len(missing):
+        raise KdpipeError(f"{store}: rows {', '.join(str(start + r) for r in missing[:5])} should have teacher "
+                          f"{name}'s logits and do not; run `kdpipe verify` and `kdpipe run` to rebuild them")
 
 
 class CombinedLogits:
@@ -148,6 +213,26 @@ class CombinedLogits:
 
     def clip_ids(self) -> np.ndarray:
         return read_rows(self.group["clip_id"], self.path)
+
+    @property
+    def n_views(self) -> int:
+        """K, the augmented views per clip the ensemble has targets for (0: clean clips only)."""
+        if "ensemble/views" in self.group:
+            return self.group["ensemble/views"].shape[1]
+        if "ensemble/views_topk" in self.group:
+            return self.group["ensemble/views_topk/values"].shape[1]
+        return 0
+
+    def read_view(self, view: int, fill: Fill = "zero") -> np.ndarray:
+        """(N, C) float32 ensemble logits of view `view` of every clip; from top-k storage the classes not
+        kept follow `fill` (kdpipe.topk). Only that view's chunks are read."""
+        if not 0 <= view < self.n_views:
+            raise KdpipeError(f"{self.path}: no view {view}; the ensemble has {self.n_views} views")
+        if "ensemble/views" in self.group:
+            return read_rows(self.group["ensemble/views"], self.path, column=view).astype(np.float32)
+        values = read_rows(self.group["ensemble/views_topk/values"], self.path, column=view)
+        indexes = read_rows(self.group["ensemble/views_topk/indexes"], self.path, column=view)
+        return expand_topk(values, indexes, self.group["ensemble/logits"].shape[1], fill)
 
 
 def ensemble_of(block: dict[str, np.ndarray], weights: dict[str, float], mode: str, total: float) -> np.ndarray:

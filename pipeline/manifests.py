@@ -14,7 +14,7 @@ import csv
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kdpipe.classes import ClassList, read_class_list
@@ -159,7 +159,8 @@ def load_clips(data: DataConfig) -> tuple[ClassList, list[Clip]]:
     if not data.sources:
         raise KdpipeError("data.sources is empty: list at least one manifest in the config")
     classes = read_class_list(data.class_list) if data.class_list else None
-    clips = [clip for source in data.sources for clip in read_source(source, classes)]
+    clips = [clip if source.labels == "given" else replace(clip, labels=())
+             for source in data.sources for clip in read_source(source, classes)]
     duplicates = [clip_id for clip_id, count in Counter(c.clip_id for c in clips).items() if count > 1]
     if duplicates:
         raise ConfigError(f"{len(duplicates)} clip id(s) appear in more than one source, "

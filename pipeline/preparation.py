@@ -186,7 +186,8 @@ def _finish(store: WaveformStore, skipped_csv: Path, clips: list[Clip]) -> dict[
         console.info(f"prepare: {decoded} clips decoded, none skipped")
     unlabelled = int(sum(not clip.labels for clip in clips))
     if unlabelled:
-        console.info(f"prepare: {unlabelled} clips have an empty labels field (no positive class)")
+        console.info(f"prepare: {unlabelled} clips have no labels: unlabelled audio, which teaches a KD student "
+                     "through the teachers' targets only")
     return {"clips": len(status), "decoded": decoded, "skipped": dict(reasons), "splits": dict(splits),
             "unlabelled": unlabelled,
             "sample_rate": store.sample_rate, "clip_samples": store.clip_samples, "classes": len(store.classes)}

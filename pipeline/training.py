@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -108,14 +108,30 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mixup | None], torc
 """(logits, store rows on device, labels (B, C) float on device, mixup or None) -> scalar loss."""
 
 
+class EpochInputs(Protocol):
+    """What a training run hears each epoch, when that is more than the clean clips (kdpipe.distill)."""
+
+    def start_epoch(self, epoch: int) -> None: ...
+
+    def augment(self, waves: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """float waveforms of store `rows` -> what the model hears this epoch, on the same device."""
+        ...
+
+
 def label_loss(logits: torch.Tensor, _rows: torch.Tensor, labels: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
     """BCE against the labels, mixed like the inputs under mixup."""
     return F.binary_cross_entropy_with_logits(logits, mixup.mix(labels) if mixup else labels)
 
 
-def train_and_eval_rows(store: WaveformStore, eval_split: str, stage: str) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded clips of the 'train' split and of the evaluation split; both must exist."""
+def train_and_eval_rows(store: WaveformStore, eval_split: str, stage: str, unlabelled: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded clips of the 'train' split and of the evaluation split; both must exist.
+
+    Train clips without labels are left out unless `unlabelled` (they teach through teacher targets only).
+    """
     train_rows, eval_rows = store.rows("train"), store.rows(eval_split)
+    if not unlabelled:
+        train_rows = train_rows[store.labelled()[train_rows]]
     if len(train_rows) == 0 or len(eval_rows) == 0:
         raise KdpipeError(f"{stage} needs clips in the 'train' and '{eval_split}' splits; "
                           f"the store has {len(train_rows)} and {len(eval_rows)}")
@@ -133,11 +149,19 @@ def weighted_epochs(train_rows: np.ndarray, weights: np.ndarray, clips_per_epoch
     return epoch_batches
 
 
-def epoch_plan(store: WaveformStore, train_rows: np.ndarray, settings: TrainingConfig,
-               seed: int) -> Callable[[int], list[np.ndarray]]:
+def epoch_plan(store: WaveformStore, train_rows: np.ndarray, settings: TrainingConfig, seed: int,
+               teacher_probabilities: np.ndarray | None = None) -> Callable[[int], list[np.ndarray]]:
     """A training section's epochs: `epoch_samples` clips each (0 = as many as there are training clips),
-    drawn with EfficientAT's class-balanced weights or uniformly."""
-    labels = store.column("labels")[train_rows]
+    drawn with EfficientAT's class-balanced weights or uniformly.
+
+    An unlabelled clip is weighted by the teacher's probabilities in place of its labels
+    (`teacher_probabilities`, (N, C) by store row): the classes the teacher hears in it.
+    """
+    labels = store.column("labels")[train_rows].astype(np.float64)
+    unlabelled = ~store.labelled()[train_rows]
+    if unlabelled.any():
+        assert teacher_probabilities is not None, "unlabelled clips are drawn by their teacher probabilities"
+        labels[unlabelled] = teacher_probabilities[train_rows[unlabelled]]
     weights = class_balanced_weights(labels) if settings.balanced_sampling else np.ones(len(train_rows))
     return weighted_epochs(train_rows, weights, settings.epoch_samples or len(train_rows), settings.batch_size,
                            seed)
@@ -167,15 +191,19 @@ class FitSettings:
 
 def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Optimizer, waves: torch.Tensor,
                rows: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn, mixup_alpha: float,
-               rng: np.random.Generator, bf16: bool, max_frames: int | None = None) -> torch.Tensor:
+               rng: np.random.Generator, bf16: bool, max_frames: int | None = None,
+               inputs: EpochInputs | None = None) -> torch.Tensor:
     """One optimisation step on an int16 batch; returns the loss as a device tensor (no host sync).
 
     Features and mixup run on the model's device in fp32; the model runs under bf16 autocast
     when asked, and the loss is computed in fp32 on its logits.
     """
     device = labels.device
+    waves = int16_to_float(waves.to(device, non_blocking=True))
+    if inputs is not None:
+        waves = inputs.augment(waves, rows.numpy())
     rows = rows.to(device, non_blocking=True)
-    features = frontend(int16_to_float(waves.to(device, non_blocking=True)))
+    features = frontend(waves)
     mixup = Mixup.draw(len(rows), mixup_alpha, rng, device) if mixup_alpha else None
     if mixup is not None:
         features = mixup.mix(features)
@@ -190,8 +218,10 @@ def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Opt
 
 def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: Callable[[int], list[np.ndarray]],
         eval_rows: np.ndarray, loss_fn: LossFn, settings: FitSettings, out_dir: Path,
-        device: torch.device, ranks: Ranks = SINGLE) -> dict:
-    """Train for `settings.epochs`, evaluating after each; returns the best epoch's metrics.
+        device: torch.device, ranks: Ranks = SINGLE, inputs: EpochInputs | None = None) -> dict:
+    """Train for `settings.epochs`, evaluating after each (on clean clips); returns the best epoch's metrics.
+
+    `inputs` changes what each epoch hears (consistent teaching: that epoch's view of every clip).
 
     With several ranks, each trains on its share of every epoch's batches under DDP;
     rank 0 alone evaluates and writes, and the others wait for it at each epoch's end.
@@ -226,10 +256,12 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         trained.train()
         frontend.train()
         batches = distributed.shard(epoch_batches(epoch), ranks)
+        if inputs is not None:
+            inputs.start_epoch(epoch)
         summed, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for waves, rows in console.track(loader(batches), len(batches), f"epoch {epoch + 1}/{settings.epochs}"):
             loss = train_step(stepped, frontend, optimizer, waves, rows, labels, loss_fn, settings.mixup_alpha,
-                              rng, bf16, max_frames)
+                              rng, bf16, max_frames, inputs)
             summed += loss * len(rows)
             count += len(rows)
         schedule.step()

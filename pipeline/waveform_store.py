@@ -129,6 +129,11 @@ class WaveformStore:
         """A whole per-clip array: clip_id, split, labels, status or message."""
         return read_rows(self.group[name], self.path)
 
+    def labelled(self) -> np.ndarray:
+        """(N,) bool: clips with at least one label. The others are unlabelled audio (an empty labels field, or
+        a source with `labels: none`), which teaches a KD student through teacher targets only."""
+        return self.column("labels").any(axis=1)
+
     def rows(self, split: str | None = None) -> np.ndarray:
         """Indices of the decoded (status ok) clips, optionally of one split."""
         keep = self.column("status") == OK

@@ -2,13 +2,16 @@
 
 `extract/<name>` (one per teacher) — inputs: the waveform store, the teacher's
 checkpoint (a file, or its train-teacher output). Parameters: the teacher's
-entry (not its weight), `extract.dtype` and `extract.chunk_clips`. Output:
-`logits.zarr`, resumed chunk by chunk after an interruption.
+entry (not its weight), `extract.dtype`, `extract.chunk_clips`,
+`extract.precision`, and with views `extract.views`, `view_seed`, `augment`.
+Output: `logits.zarr` (clean logits, and each view's), resumed chunk by chunk
+after an interruption.
 
 `extract-teachers` — inputs: every teacher's logits. Parameters: the ensemble
-weights and mode. Output: `teachers.zarr` with each teacher's logits and the
-ensemble, so changing weights recomputes only this cheap step and adding a
-teacher computes only that teacher.
+weights and mode (and `extract.topk` with views). Output: `teachers.zarr` with
+each teacher's logits and the ensemble (of the clean clips, and of every view,
+whole or top-k), so changing weights recomputes only this cheap step and adding
+a teacher computes only that teacher.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def run_teacher(teacher: TeacherConfig):
         store = WaveformStore.open(store_path)
         checkpoint = checkpoint_path(teacher, ctx.upstream)
         spec = TeacherSpec(teacher.label, teacher.arch, checkpoint, dict(teacher.options), dict(teacher.frontend),
-                           settings.precision, settings.compile)
+                           settings.precision, settings.compile, settings.views, settings.view_seed,
+                           settings.augment.settings())
         device = resolve_device(config.device)
         loaded = Teacher(spec, store.sample_rate, device, settings.batch_size)
         n_out = _output_classes(loaded, store)
@@ -82,7 +86,8 @@ def run_teacher(teacher: TeacherConfig):
         path = ctx.out_dir / TEACHER_FILE
         resume = path.exists() and integrity.ready_to_resume(path)
         logits = (TeacherLogits.open(path, mode="r+") if resume else TeacherLogits.create(
-            path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label}))
+            path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label},
+            settings.views))
         todo = [chunk for chunk, done in enumerate(logits.done_chunks()) if not done]
         if len(todo) < logits.n_chunks:
             console.info(f"{teacher.label}: {logits.n_chunks - len(todo)} of {logits.n_chunks} chunks already done")
@@ -102,11 +107,13 @@ def run_teacher(teacher: TeacherConfig):
             "device": ", ".join(sorted({d for d, _ in ran})), "precision": ", ".join(sorted({p for _, p in ran})),
             "engine": settings.engine,
             "wall_seconds": round(seconds, 3),
-            "clips_per_second": round(computed / seconds, 2) if seconds > 0 else None, **metrics,
+            "clips_per_second": round(computed / seconds, 2) if seconds > 0 else None,
+            "views": settings.views, **metrics,
         }
         logits.group.attrs.update(attributes)
         mAP = f"{metrics['mAP']:.4f}" if metrics else "n/a"
-        console.info(f"{teacher.label}: eval mAP {mAP}, {computed} clips in {seconds:.1f} s")
+        views = f" x {1 + settings.views} (clean and {settings.views} views)" if settings.views else ""
+        console.info(f"{teacher.label}: eval mAP {mAP}, {computed} clips{views} in {seconds:.1f} s")
         return attributes
 
     return run
@@ -140,7 +147,7 @@ def run_ensemble(ctx: StageContext) -> dict[str, Any]:
     expected = {name: decoded & ("imported_from" not in logits.group.attrs) for name, logits in teachers.items()}
     logits_store.write_combined(ctx.out_dir / COMBINED_FILE, store.column("clip_id"), teachers, weights,
                                 config.extract.ensemble, config.extract.dtype, {"n_classes": len(store.classes)},
-                                expected)
+                                expected, config.extract.topk)
     combined = CombinedLogits.in_folder(ctx.out_dir)
     split = config.evaluation.split
     summary = {name: eval_metrics(combined.read(name), store, split) for name in teachers}
@@ -151,6 +158,14 @@ def run_ensemble(ctx: StageContext) -> dict[str, Any]:
     return {"mAP": {name: m.get("mAP") for name, m in summary.items()}, "weights": weights}
 
 
+def view_settings(config: Config) -> dict[str, Any]:
+    """The settings of the views, when there are views (without, they change nothing and key nothing)."""
+    if not config.extract.views:
+        return {}
+    extract = keyed_values(config.extract)
+    return {f"extract.{key}": extract[key] for key in ("views", "view_seed", "augment")}
+
+
 def stages(config: Config) -> list[Stage]:
     """One `extract/<name>` per teacher, then the ensemble over all of them (none without teachers)."""
     if not config.teachers:
@@ -159,7 +174,7 @@ def stages(config: Config) -> list[Stage]:
         name=stage_names.extract(teacher.label),
         command="extract-teachers",
         params=("extract.dtype", "extract.chunk_clips", "extract.precision"),
-        param_values=lambda config, label=teacher.label: {"teacher": {
+        param_values=lambda config, label=teacher.label: {**view_settings(config), "teacher": {
             k: v for k, v in keyed_values(config.teacher(label)).items() if k not in ("weight", "init")}},
         outputs=(TEACHER_FILE,),
         run=run_teacher(teacher),
@@ -175,7 +190,8 @@ def stages(config: Config) -> list[Stage]:
         name=stage_names.ENSEMBLE,
         command="extract-teachers",
         params=("extract.ensemble", "extract.dtype"),
-        param_values=lambda config: {"weights": {t.label: t.weight for t in config.teachers}},
+        param_values=lambda config: {"weights": {t.label: t.weight for t in config.teachers},
+                                     **({"extract.topk": config.extract.topk} if config.extract.views else {})},
         outputs=(COMBINED_FILE,),
         run=run_ensemble,
         code=(run_ensemble, eval_metrics),

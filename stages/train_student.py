@@ -9,6 +9,11 @@ multi-representation mode `best.pt` / `last.pt` hold the whole group and
 `students/<representation>.pt` the plain students kept. Under torchrun every rank
 runs the stage; rank 0 alone writes.
 
+With views (`extract.views` > 0, consistent teaching), the KD student hears view e mod K of
+every clip at epoch e, rebuilt from its seed, and learns that view's target (kdpipe.distill).
+Train clips without labels join a KD student's training for the KD term only, drawn by the
+teachers' probabilities; the baseline leaves them out.
+
 A config with `student.kd.enabled: false` has only the baseline, and its key is the
 one the baseline of the same config with KD has: one build serves both.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdpipe import collaborative, devices, distill, frontends, stage_names, students, training
@@ -34,7 +40,7 @@ def run_for(kd: bool):
         name = stage_names.student(kd)
         store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
         store = WaveformStore.open(store_path)
-        train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, name)
+        train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, name, unlabelled=kd)
         device = devices.resolve_device(config.device, ranks)
         seed = config.seed if student.seed is None else student.seed
         torch.manual_seed(seed)
@@ -44,16 +50,21 @@ def run_for(kd: bool):
         else:
             model = students.build_student(student, n_classes)
             frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
-        loss_fn = training.label_loss
+        loss_fn, targets, probabilities = training.label_loss, None, None
         if kd:
-            targets, present = distill.teacher_targets(CombinedLogits.in_folder(ctx.upstream[stage_names.ENSEMBLE]),
-                                                       store.n_clips, student.kd.temperature, device)
-            loss_fn = distill.kd_loss(targets, present, student.kd.label_weight)
+            combined = CombinedLogits.in_folder(ctx.upstream[stage_names.ENSEMBLE])
+            targets = (distill.ViewTargets(combined, config, store.n_clips, store.sample_rate, store.clip_samples,
+                                           device) if config.learns_from_views else
+                       distill.Targets(combined, store.n_clips, student.kd.temperature, device))
+            labelled = torch.from_numpy(store.labelled().astype(np.float32)).to(device)
+            loss_fn = distill.kd_loss(targets, labelled, student.kd.label_weight)
+            probabilities = distill.teacher_probabilities(combined)
         if student.representations:
             loss_fn = collaborative.collaborative_loss(loss_fn, student.mutual_weight)
-        best = training.fit(model, frontend, store_path, training.epoch_plan(store, train_rows, student, seed),
-                            eval_rows, loss_fn, student.fit_settings(config.evaluation.batch_size, seed),
-                            ctx.out_dir, device, ranks)
+        plan = training.epoch_plan(store, train_rows, student, seed, probabilities)
+        best = training.fit(model, frontend, store_path, plan, eval_rows, loss_fn,
+                            student.fit_settings(config.evaluation.batch_size, seed), ctx.out_dir, device, ranks,
+                            targets if config.learns_from_views else None)
         if not ranks.is_main:
             return {}
         representation, weights = "mel", "best.pt"

@@ -1,6 +1,7 @@
 """Stage two: the KD loss, the student stage, its caching and exact resume."""
 
 import json
+from types import SimpleNamespace
 import os
 import shutil
 import signal
@@ -40,19 +41,44 @@ def test_kd_loss_follows_efficientat_semantics():
     targets = torch.sigmoid(teacher_logits / 2.0)
     present = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.float32)  # row 3 has no teacher
     rows = torch.tensor([0, 3, 5, 7, 8, 9])
-    loss = kd_loss(targets, present, 0.1)(logits, rows, labels, None)
+    stored = SimpleNamespace(probabilities=targets, present=present)
+    everyone = torch.ones(10)
+    loss = kd_loss(stored, everyone, 0.1)(logits, rows, labels, None)
     label_part = F.binary_cross_entropy_with_logits(logits, labels)
     per_clip = torch.stack([F.binary_cross_entropy_with_logits(logits[i], targets[r]) * present[r]
                             for i, r in enumerate(rows)])
     torch.testing.assert_close(loss, 0.1 * label_part + 0.9 * per_clip.mean())
     mixup = Mixup(torch.full((6,), 0.7), torch.tensor([1, 0, 3, 2, 5, 4]))
-    mixed = kd_loss(targets, present, 0.1)(logits, rows, labels, mixup)
+    mixed = kd_loss(stored, everyone, 0.1)(logits, rows, labels, mixup)
     expected_kd = torch.stack([
         0.7 * F.binary_cross_entropy_with_logits(logits[i], targets[rows[i]]) * present[rows[i]]
         + 0.3 * F.binary_cross_entropy_with_logits(logits[i], targets[rows[j]]) * present[rows[j]]
         for i, j in enumerate(mixup.perm.tolist())])
     expected_label = F.binary_cross_entropy_with_logits(logits, 0.7 * labels + 0.3 * labels[mixup.perm])
     torch.testing.assert_close(mixed, 0.1 * expected_label + 0.9 * expected_kd.mean())
+
+
+def test_unlabelled_clips_get_no_label_term_and_keep_their_kd_term():
+    """Rows 5 and 8 are unlabelled audio: the label term averages the labelled clips only (under mixup, pairs
+    of labelled clips); the KD term is untouched."""
+    torch.manual_seed(1)
+    logits, labels = torch.randn(6, 5), (torch.rand(6, 5) > 0.7).float()
+    stored = SimpleNamespace(probabilities=torch.rand(10, 5), present=torch.ones(10))
+    labelled = torch.ones(10)
+    labelled[[5, 8]] = 0.0
+    rows = torch.tensor([0, 3, 5, 7, 8, 9])  # positions 2 and 4 are unlabelled
+    kd_only = kd_loss(stored, labelled, 0.0)(logits, rows, labels, None)
+    assert torch.allclose(kd_only, kd_loss(stored, torch.ones(10), 0.0)(logits, rows, labels, None))
+    label_only = kd_loss(stored, labelled, 1.0)(logits, rows, labels, None)
+    kept = [0, 1, 3, 5]
+    torch.testing.assert_close(label_only, F.binary_cross_entropy_with_logits(logits[kept], labels[kept]))
+    mixup = Mixup(torch.full((6,), 0.6), torch.tensor([1, 0, 3, 2, 5, 4]))  # pairs (0,1) (2,3) (4,5)
+    mixed = kd_loss(stored, labelled, 1.0)(logits, rows, labels, mixup)
+    both = [0, 1]  # the only pair of two labelled clips
+    mixed_labels = 0.6 * labels + 0.4 * labels[mixup.perm]
+    torch.testing.assert_close(mixed, F.binary_cross_entropy_with_logits(logits[both], mixed_labels[both]))
+    nobody = kd_loss(stored, torch.zeros(10), 1.0)(logits, rows, labels, None)
+    assert nobody.item() == 0.0  # a batch of unlabelled clips only: no label term, no division by zero
 
 
 settings = partial(helpers.settings, helpers.STUDENT_RUN)

@@ -28,6 +28,8 @@ def bench_extract(
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on a CPU), fp32 "
                                            "or bf16.")] = "auto",
     rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds of both paths; medians are reported.")] = 3,
+    views: Annotated[int, typer.Option(min=0, help="Also run each clip as this many augmented views "
+                                       "(extract.views); throughput in clip-views/s.")] = 0,
 ) -> None:
     """Teacher inference: clips/s of extract-teachers' path against a one-clip fp32 CPU-feature loop."""
     from kdpipe.bench import bench_extract as run_bench
@@ -39,8 +41,10 @@ def bench_extract(
     cuda = chosen.type == "cuda"
     arch = teacher or ("passt_s_s10" if cuda else "passt_tiny")
     result = run_bench(arch, clips, seconds, batch_size or (64 if cuda else 4), chosen,
-                       workers if workers is not None else (4 if cuda else 0), naive_clips, compile, precision, rounds)
-    print_bench(result)
+                       workers if workers is not None else (4 if cuda else 0), naive_clips, compile, precision, rounds,
+                       views)
+    unit = f"clip-views/s (1 clean + {views} views per clip)" if views else "clips/s"
+    print_bench(result, unit=unit)
 
 
 @bench_app.command("loader")
@@ -84,7 +88,7 @@ def bench_train(
                         f"waiting for data {100 * result['data_wait_share']:.1f} % of step time")
 
 
-def print_bench(result: dict[str, Any], headline: str | None = None) -> None:
+def print_bench(result: dict[str, Any], headline: str | None = None, unit: str = "clips/s") -> None:
     """Every measure in a table, then one line: by default ours against naive, as a ratio."""
     table = Table("measure", "value")
     for key, value in result.items():
@@ -92,5 +96,5 @@ def print_bench(result: dict[str, Any], headline: str | None = None) -> None:
     console.out.print(table)
     paired = (f" (median of {result['rounds']} paired rounds, {result['speedup_range']})"
               if result.get("rounds", 1) > 1 else "")
-    console.out.print(headline or f"ours {result['ours_clips_per_s']:.1f} clips/s, naive "
-                                  f"{result['naive_clips_per_s']:.1f} clips/s: {result['speedup']:.2f}x{paired}")
+    console.out.print(headline or f"ours {result['ours_clips_per_s']:.1f} {unit}, naive "
+                                  f"{result['naive_clips_per_s']:.1f} {unit}: {result['speedup']:.2f}x{paired}")

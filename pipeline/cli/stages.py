@@ -174,13 +174,16 @@ def demo(
     missing_labels: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of train-clip events left unlabelled, as in AudioSet's weak labels: the "
         "regime where teacher targets add what the labels lack.")] = 0.3,
+    unlabelled: Annotated[int, typer.Option(min=0, help="Add this many unlabelled train clips (a source with "
+                                            "labels: none): they teach the KD student through the teachers' "
+                                            "targets only.")] = 0,
     force: ForceOption = False,
 ) -> None:
     """Generate the embedded demo data and run every stage on it with configs/demo.yaml."""
     from kdpipe.demo_data import demo_config
 
     started = time.time()
-    config, written = demo_config(out, set_ or [], missing_labels)
+    config, written = demo_config(out, set_ or [], missing_labels, unlabelled)
     if written:
         console.info(f"demo: wrote {written} synthetic clips to {config.data.sources[0].path.parent}")
     resolved = out / "demo.yaml"

@@ -1,0 +1,200 @@
+"""Consistent teaching (CED): teacher targets for augmented views, top-k storage, KD on unlabelled audio."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kdpipe import training
+from kdpipe.config import load_config
+from kdpipe.distill import Targets, ViewTargets
+from kdpipe.errors import ConfigError
+from kdpipe.extraction import Teacher, TeacherSpec
+from kdpipe.frontends import int16_to_float
+from kdpipe.logits_store import CombinedLogits, TeacherLogits
+from kdpipe.models import create_model
+from kdpipe.runner import Pipeline
+from kdpipe.stages import build_stages
+from kdpipe.topk import ABSENT_LOGIT
+from kdpipe.waveform_store import WaveformStore
+
+import helpers
+
+VIEWS = 3
+RUN = ("teachers.0.arch=mn_tiny", "teachers.1.arch=passt_tiny", "extract.chunk_clips=8", "extract.num_workers=0",
+       "extract.batch_size=5", f"extract.views={VIEWS}", "extract.view_seed=7", "student.arch=mobilenetv3",
+       "student.width=0.2", "student.epochs=4", "student.epoch_samples=16", "student.batch_size=4",
+       "student.num_workers=0")
+
+
+@pytest.fixture(scope="module")
+def run(small_demo, tmp_path_factory) -> list[str]:
+    """The RUN settings with untrained, seeded teachers given as checkpoints (no train-teacher stage)."""
+    root = tmp_path_factory.mktemp("views")
+    items = []
+    for i, arch in enumerate(("mn_tiny", "passt_tiny")):
+        torch.manual_seed(i)
+        torch.save(create_model(arch, num_classes=12).state_dict(), root / f"{arch}.pt")
+        items.append(f"teachers.{i}.checkpoint={root / arch}.pt")
+    return helpers.settings((*RUN, *items), small_demo, root / "cache")
+
+
+def pipeline_of(items: list[str], *extra: str) -> Pipeline:
+    config = load_config(None, [*items, *extra])
+    return Pipeline(build_stages(config), config)
+
+
+def test_a_view_on_the_training_path_is_what_the_teachers_heard(run):
+    """The student's epoch-e audio is bit-identical to what extraction fed the teacher for view e mod K, and
+    the teacher run on it gives the stored view logits."""
+    pipeline = pipeline_of(run)
+    logits = TeacherLogits.open(pipeline.ensure("extract/passt_tiny") / "logits.zarr")
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    combined = CombinedLogits.in_folder(pipeline.ensure("extract-teachers"))
+    assert logits.n_views == combined.n_views == VIEWS
+    rows = np.array([2, 5, 11, 17])
+    waves = torch.from_numpy(store.read(rows))
+    config = pipeline.config
+    spec = TeacherSpec("passt_tiny", "passt_tiny", config.teachers[1].checkpoint, views=VIEWS, view_seed=7,
+                       augment=config.extract.augment.settings())
+    teacher = Teacher(spec, store.sample_rate, torch.device("cpu"), batch_size=5)
+    heard = []
+    forward = teacher._forward
+    teacher._forward = lambda floats: heard.append(floats.clone()) or forward(floats)
+    teacher.outputs(waves, rows)  # as extraction runs it: the clean batch, then each view
+    targets = ViewTargets(combined, config, store.n_clips, store.sample_rate, store.clip_samples,
+                          torch.device("cpu"))
+    stored = logits.read_views()
+    for epoch in (0, 1, 5):  # views 0, 1 and 5 mod 3 = 2
+        targets.start_epoch(epoch)
+        view = epoch % VIEWS
+        trained_on = targets.augment(int16_to_float(waves), rows)  # what train_step hands the student's frontend
+        assert torch.equal(trained_on, heard[1 + view]), f"epoch {epoch}"
+        assert not torch.equal(trained_on, heard[0])  # a view is not the clean clip
+        with torch.inference_mode():
+            again = teacher._forward(trained_on).numpy()
+        np.testing.assert_allclose(again, stored[rows, view].astype(np.float32), rtol=1e-2, atol=1e-2)
+        ensemble = combined.read_view(view)[rows]
+        expected = 1.0 / (1.0 + np.exp(-ensemble / config.student.kd.temperature))
+        np.testing.assert_allclose(targets.probabilities[rows].numpy(), expected, rtol=1e-6)
+
+
+def test_topk_storage_round_trips_the_kept_classes(run):
+    full = CombinedLogits.in_folder(pipeline_of(run).ensure("extract-teachers"))
+    pipeline = pipeline_of(run, "extract.topk=4")
+    assert pipeline.status("extract/mn_tiny").state == "fresh"  # top-k is the ensemble's; no teacher reruns
+    topk = CombinedLogits.in_folder(pipeline.ensure("extract-teachers"))
+    assert "ensemble/views" in full.group and "ensemble/views_topk" in topk.group
+    values = topk.group["ensemble/views_topk/values"]
+    assert values.shape == (full.group["ensemble/logits"].shape[0], VIEWS, 4) and values.chunks[1] == 1
+    for view in range(VIEWS):
+        dense = full.read_view(view)
+        kept = topk.read_view(view)  # the default fill: CED's "zero", probability ~0 as a logit
+        order = np.argsort(-dense, axis=1, kind="stable")
+        top, rest = order[:, :4], order[:, 4:]
+        np.testing.assert_array_equal(np.take_along_axis(kept, top, 1), np.take_along_axis(dense, top, 1))
+        floor = np.minimum(np.take_along_axis(dense, top, 1).min(axis=1), ABSENT_LOGIT).astype(np.float32)
+        np.testing.assert_array_equal(np.take_along_axis(kept, rest, 1), np.repeat(floor[:, None], 8, 1))
+        smallest = topk.read_view(view, fill="min")
+        np.testing.assert_array_equal(np.take_along_axis(smallest, rest, 1).max(axis=1),
+                                      np.take_along_axis(dense, top, 1).min(axis=1))
+
+
+def test_a_kd_student_learns_from_views_and_the_keys_follow_the_view_settings(run):
+    pipeline = pipeline_of(run)
+    out = pipeline.ensure("train-student")
+    assert pipeline.config.learns_from_views
+    assert sum(1 for _ in (out / "metrics.jsonl").open()) == 4
+    clean = pipeline_of(run, "student.kd.views=false")
+    assert clean.key("extract-teachers") == pipeline.key("extract-teachers")
+    assert clean.key("train-student") != pipeline.key("train-student")
+    reaugmented = pipeline_of(run, "extract.augment.gain_db=3")
+    assert reaugmented.key("extract/mn_tiny") != pipeline.key("extract/mn_tiny")
+    no_views = [item for item in run if not item.startswith("extract.view")]
+    # without views, the view settings are not parameters: changing them rebuilds nothing
+    assert pipeline_of(no_views).key("extract/mn_tiny") == pipeline_of(no_views, "extract.augment.gain_db=3",
+                                                                       "extract.view_seed=9").key("extract/mn_tiny")
+
+
+def test_extraction_with_views_resumes_after_kill_9_bit_identical(run, tmp_path):
+    source = Path(next(item for item in run if item.startswith("cache_dir=")).split("=", 1)[1])
+    pipeline_of(run).ensure("prepare")
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for cache in (killed, clean):
+        shutil.copytree(source / "prepare", cache / "prepare")
+    items = [item for item in run if not item.startswith("cache_dir=")]
+    command = [sys.executable, "-m", "kdpipe", "extract-teachers", "--set=extract.chunk_clips=1",
+               "--set=extract.topk=5", f"--set=cache_dir={killed}", *[f"--set={item}" for item in items]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and done < 3:
+        done = 0
+        for path in killed.glob("extract/*/*/logits.zarr"):  # 2 teachers x 24 chunks of one clip
+            try:
+                done += int(zarr.open_group(path, mode="r")["done"][:].sum())
+            except Exception:  # being created
+                pass
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 3 <= done < 48, f"kill landed after {done} of 48 chunks: {process.returncode}"
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "chunks already done" in resumed.stderr, resumed.stderr
+    uninterrupted = subprocess.run([c.replace(str(killed), str(clean)) for c in command], capture_output=True,
+                                   text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    for pattern in ("extract/passt_tiny/*/logits.zarr", "extract/mn_tiny/*/logits.zarr"):
+        a, b = (zarr.open_group(next(cache.glob(pattern)), mode="r") for cache in (killed, clean))
+        np.testing.assert_array_equal(a["views"][:], b["views"][:])
+        np.testing.assert_array_equal(a["logits"][:], b["logits"][:])
+    a, b = (zarr.open_group(next(cache.glob("extract-teachers/*/teachers.zarr")), mode="r") for cache in (killed, clean))
+    for name in ("ensemble/views_topk/values", "ensemble/views_topk/indexes", "ensemble/logits"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_unlabelled_audio_teaches_the_kd_student_only(small_demo, tmp_path):
+    """A source marked `labels: none` is prepared and run through the teachers; the KD student trains on it
+    (drawn by the teachers' probabilities), the baseline and the teachers' training leave it out."""
+    extra = tmp_path / "more.csv"  # the demo's train clips again, under new ids, their labels to be ignored
+    header, *lines = small_demo.manifest.read_text().splitlines()
+    extra.write_text("\n".join([header, *(f"more_{clip_id},{small_demo.root / path},{rest}" for clip_id, path, rest in
+                                         (line.split(",", 2) for line in lines) if clip_id.startswith("demo_train"))]))
+    pipeline = pipeline_of(helpers.settings(helpers.STUDENT_RUN, small_demo, tmp_path / "cache",
+                                            f"data.sources.1.path={extra}", "data.sources.1.labels=none"))
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    unlabelled = np.array([str(clip_id).startswith("more_") for clip_id in store.column("clip_id")])
+    assert unlabelled.sum() == 16 and not store.labelled()[unlabelled].any() and store.labelled()[~unlabelled].all()
+    with_kd, _ = training.train_and_eval_rows(store, "eval", "train-student", unlabelled=True)
+    labels_only, _ = training.train_and_eval_rows(store, "eval", "train-teacher/mn_tiny")
+    assert unlabelled[with_kd].sum() == 16 and not unlabelled[labels_only].any()
+    combined = CombinedLogits.in_folder(pipeline.ensure("extract-teachers"))
+    assert np.isfinite(combined.read()[unlabelled]).all()  # the teachers ran on the unlabelled clips
+    probabilities = np.zeros((store.n_clips, 12))
+    probabilities[unlabelled, 3] = 1.0  # the teacher hears class 3 in every unlabelled clip
+    plan = training.epoch_plan(store, with_kd, pipeline.config.student, 0, probabilities)
+    assert unlabelled[np.concatenate([np.concatenate(plan(epoch)) for epoch in range(10)])].any()
+    nothing_heard = training.epoch_plan(store, with_kd, pipeline.config.student, 0, np.zeros((store.n_clips, 12)))
+    assert not unlabelled[np.concatenate([np.concatenate(nothing_heard(epoch)) for epoch in range(10)])].any()
+    out = pipeline.ensure("train-student")
+    assert (out / "best.pt").is_file()
+    Targets(combined, store.n_clips, 1.0, torch.device("cpu"))  # clean targets exist for every clip
+
+
+def test_views_need_model_teachers_and_a_student_needs_views_to_learn_them(small_demo, tmp_path):
+    with pytest.raises(ConfigError, match=r"student.kd.views: true needs views to learn from"):
+        load_config(None, ["student.kd.views=true"])
+    logits, index = tmp_path / "a.npy", tmp_path / "a.pkl"
+    np.save(logits, np.zeros((1, 12), np.float32))
+    index.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"imported logits \(a\) have no views"):
+        load_config(None, ["extract.views=2", f"teachers.0.logits={logits}", f"teachers.0.logits_index={index}"],
+                    check_files=False)
+
