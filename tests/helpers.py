@@ -1,9 +1,14 @@
 """Helpers several test files share; pytest puts tests/ on sys.path, so `from helpers import ...` works."""
 
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import zarr
 from typer.testing import CliRunner
 
 from kdpipe.cli import app
@@ -42,3 +47,30 @@ def tone(freq: float, seconds: float, sr: int = 16000, amp: float = 0.5) -> np.n
     """A float32 sine: one frequency, so a resampling or decoding error shows up as energy elsewhere."""
     t = np.arange(round(seconds * sr)) / sr
     return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def kill_after_chunks(command: list[str], cache: Path, minimum: int, total: int) -> None:
+    """Start `command` (an extraction), SIGKILL it once `minimum` of the `total` logits chunks under `cache` are
+    done, and check the kill landed mid-way."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and done < minimum:
+        done = 0
+        for path in cache.glob("extract/*/*/logits.zarr"):
+            try:
+                done += int(zarr.open_group(path, mode="r")["done"][:].sum())
+            except Exception:  # being created
+                pass
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert minimum <= done < total, f"kill landed after {done} of {total} chunks: {process.returncode}"
+
+
+def resume_and_run_clean(command: list[str], killed: Path, clean: Path) -> None:
+    """Rerun the killed `command` (it must resume) and run it uninterrupted in `clean`; both must succeed."""
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "chunks already done" in resumed.stderr, resumed.stderr
+    uninterrupted = subprocess.run([c.replace(str(killed), str(clean)) for c in command], capture_output=True,
+                                   text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr

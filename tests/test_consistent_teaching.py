@@ -1,11 +1,7 @@
 """Consistent teaching (CED): teacher targets for augmented views, top-k storage, KD on unlabelled audio."""
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,24 +129,8 @@ def test_extraction_with_views_resumes_after_kill_9_bit_identical(run, tmp_path)
     items = [item for item in run if not item.startswith("cache_dir=")]
     command = [sys.executable, "-m", "kdpipe", "extract-teachers", "--set=extract.chunk_clips=1",
                "--set=extract.topk=5", f"--set=cache_dir={killed}", *[f"--set={item}" for item in items]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done, deadline = 0, time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and done < 3:
-        done = 0
-        for path in killed.glob("extract/*/*/logits.zarr"):  # 2 teachers x 24 chunks of one clip
-            try:
-                done += int(zarr.open_group(path, mode="r")["done"][:].sum())
-            except Exception:  # being created
-                pass
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 3 <= done < 48, f"kill landed after {done} of 48 chunks: {process.returncode}"
-    resumed = subprocess.run(command, capture_output=True, text=True)
-    assert resumed.returncode == 0 and "chunks already done" in resumed.stderr, resumed.stderr
-    uninterrupted = subprocess.run([c.replace(str(killed), str(clean)) for c in command], capture_output=True,
-                                   text=True)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    helpers.kill_after_chunks(command, killed, 3, 48)  # 2 teachers x 24 chunks of one clip
+    helpers.resume_and_run_clean(command, killed, clean)
     for pattern in ("extract/passt_tiny/*/logits.zarr", "extract/mn_tiny/*/logits.zarr"):
         a, b = (zarr.open_group(next(cache.glob(pattern)), mode="r") for cache in (killed, clean))
         np.testing.assert_array_equal(a["views"][:], b["views"][:])

@@ -11,7 +11,10 @@ import torch
 import zarr
 from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
 
+from typer.testing import CliRunner
+
 from kdpipe.classes import ClassList
+from kdpipe.cli import app
 from kdpipe.evaluate import Evaluation, Footprint, combined_footprint, score, write_results
 from kdpipe.models import create_model
 from kdpipe.report import write_report
@@ -153,3 +156,27 @@ def test_report_without_a_measurable_model_or_student(tmp_path):
     report = write_report(evaluation, tmp_path).read_text()
     assert "| teacher x | imported logits | 3 | 1.0000 |" in report and "n/a | n/a | n/a" in report
     assert not list(tmp_path.glob("*.png")) and "![" not in report
+
+
+def test_compare_scores_each_variant_over_seeds_and_never_builds_unasked(trained_run, tmp_path):
+    """`kdpipe compare` reads the students' records (the same mAP train-student recorded), writes a table, JSON and a
+    plot; a seed not built is an error naming its command, built with --build."""
+    pipeline = trained_run.pipeline
+    settings = [f"--set={item}" for item in trained_run.settings]
+    recorded = pipeline.cache.record("train-student/no-kd", pipeline.key("train-student/no-kd"))["summary"]["mAP"]
+    result = CliRunner().invoke(app, ["compare", "--variant", "no KD:", "--seeds", "0", "--out", str(tmp_path),
+                                      *settings])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "comparison.json").read_text())
+    assert scores == [{"variant": "no KD", "overrides": [], "seeds": [0], "mAP": [recorded], "mean_mAP": recorded}]
+    assert (tmp_path / "comparison.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "| no KD | `(as configured)` |" in (tmp_path / "comparison.md").read_text()
+    two_seeds = ["compare", "--variant", "no KD: student.lr=0.002", "--seeds", "0,1", "--out", str(tmp_path), *settings]
+    result = CliRunner().invoke(app, two_seeds)
+    assert result.exit_code == 2 and "run `kdpipe train-student --baseline` first" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*two_seeds, "--build"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "comparison.json").read_text())[0]
+    assert scores["seeds"] == [0, 1] and scores["mean_mAP"] == sum(scores["mAP"]) / 2
+    bad = CliRunner().invoke(app, ["compare", "--variant", "x:", "--seeds", "0,one", *settings])
+    assert bad.exit_code == 2 and "--seeds" in bad.output

@@ -3,10 +3,7 @@
 import os
 import pickle
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from functools import partial
 
 import numpy as np
@@ -124,25 +121,8 @@ def test_kill_9_then_resume_is_bit_identical(built, small_demo, tmp_path):
         shutil.copytree(source / stage, clean / stage)
     command = [sys.executable, "-m", "kdpipe", "extract-teachers", "--set=extract.chunk_clips=1",
                *[f"--set={item}" for item in settings(small_demo, killed)[:-3]]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done, deadline = 0, time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and done < 3:
-        done = 0
-        for path in killed.glob("extract/*/*/logits.zarr"):  # both teachers: 48 chunks of one clip
-            try:
-                done += int(zarr.open_group(path, mode="r")["done"][:].sum())
-            except Exception:  # being created
-                pass
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 3 <= done < 48, f"kill landed after {done} of 48 chunks: {process.returncode}"
-    resumed = subprocess.run(command, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "chunks already done" in resumed.stderr
-    uninterrupted = subprocess.run([c.replace(str(killed), str(clean)) for c in command], capture_output=True,
-                                   text=True)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    helpers.kill_after_chunks(command, killed, 3, 48)  # both teachers: 48 chunks of one clip
+    helpers.resume_and_run_clean(command, killed, clean)
     a = zarr.open_group(next(killed.glob("extract-teachers/*/teachers.zarr")), mode="r")
     b = zarr.open_group(next(clean.glob("extract-teachers/*/teachers.zarr")), mode="r")
     for name in ("teachers/passt_tiny/logits", "teachers/ast_tiny/logits", "ensemble/logits"):

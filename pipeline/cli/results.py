@@ -1,4 +1,4 @@
-"""Commands that read what the stages built: predict, export, export-logits, import-logits.
+"""Commands that read what the stages built: predict, export, export-logits, import-logits, compare.
 
 They never build silently: a stale or missing stage is an error naming the command that builds it,
 unless `--build` asks for it.
@@ -148,3 +148,41 @@ def export_command(
         console.err.print(f"[yellow]warning:[/yellow] the difference exceeds {PARITY_TOLERANCE:g}; "
                           f"compare the exported model's outputs before deploying it")
     console.out.print(str(path))
+
+
+@app.command()
+@user_errors
+def compare(
+    variant: Annotated[list[str], typer.Option("--variant", "-V", help="NAME: KEY=VALUE; KEY=VALUE (repeatable), "
+                                               "e.g. 'views 8: extract.views=8'; 'NAME:' alone is the run as "
+                                               "configured.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    seeds: Annotated[str, typer.Option(help="Student seeds, comma-separated.")] = "0,1,2",
+    out: Annotated[Path, typer.Option(help="Folder for comparison.md, comparison.json and "
+                                      "comparison.png.")] = Path("kdpipe-compare"),
+    build: BuildOption = False,
+) -> None:
+    """Variants of the run side by side: each one's student eval mAP per seed and mean, a table and a plot."""
+    from rich.table import Table
+
+    from kdpipe.compare import Variant, student_scores, write_comparison
+
+    try:
+        seed_list = [int(seed) for seed in seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds: comma-separated integers, e.g. 0,1,2; got {seeds!r}") from None
+    results = []
+    for text in variant:
+        chosen = Variant.parse(text)
+        pipelines = ((seed, make_pipeline(resolve_config(config, [*(set_ or []), *chosen.overrides,
+                                                                   f"student.seed={seed}"])))
+                     for seed in seed_list)
+        results.append(student_scores(chosen, pipelines, build))
+    split = resolve_config(config, set_, check_files=False).evaluation.split
+    report = write_comparison(results, out, split)
+    table = Table("variant", *(f"seed {seed}" for seed in seed_list), "mean", title=f"student {split} mAP")
+    for result in results:
+        table.add_row(result.variant.name, *(f"{score:.4f}" for score in result.mAP), f"{result.mean:.4f}")
+    console.out.print(table)
+    console.out.print(str(report))
