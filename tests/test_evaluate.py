@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,9 @@ def test_compare_scores_each_variant_over_seeds_and_never_builds_unasked(trained
     """`kdpipe compare` reads the students' records (the same mAP train-student recorded), writes a table, JSON and a
     plot; a seed not built is an error naming its command, built with --build."""
     pipeline = trained_run.pipeline
-    settings = [f"--set={item}" for item in trained_run.settings]
+    cache = tmp_path / "cache"  # a copy: what --build adds must not change the shared run's cache
+    shutil.copytree(pipeline.config.cache_dir, cache)
+    settings = [f"--set={item}" for item in (*trained_run.settings, f"cache_dir={cache}")]
     recorded = pipeline.cache.record("train-student/no-kd", pipeline.key("train-student/no-kd"))["summary"]["mAP"]
     result = CliRunner().invoke(app, ["compare", "--variant", "no KD:", "--seeds", "0", "--out", str(tmp_path),
                                       *settings])
