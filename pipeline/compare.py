@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kdpipe import stage_names
+from kdpipe.errors import ConfigError
 from kdpipe.runner import Pipeline
 
 PLOT = "comparison.png"
@@ -53,7 +54,10 @@ def student_scores(variant: Variant, pipelines: Iterable[tuple[int, Pipeline]], 
     seeds, scores = [], []
     for seed, pipeline in pipelines:
         name = stage_names.student(pipeline.config.student.kd.enabled)
-        pipeline.output(name, build)
+        try:
+            pipeline.output(name, build)
+        except ConfigError as error:
+            raise ConfigError(f"variant {variant.name!r}, seed {seed}: {error}") from None
         seeds.append(seed)
         scores.append(float(pipeline.cache.record(name, pipeline.key(name))["summary"]["mAP"]))
     return Scores(variant, tuple(seeds), tuple(scores))

@@ -176,7 +176,9 @@ def test_compare_scores_each_variant_over_seeds_and_never_builds_unasked(trained
     assert "| no KD | `(as configured)` |" in (tmp_path / "comparison.md").read_text()
     two_seeds = ["compare", "--variant", "no KD: student.lr=0.002", "--seeds", "0,1", "--out", str(tmp_path), *settings]
     result = CliRunner().invoke(app, two_seeds)
-    assert result.exit_code == 2 and "run `kdpipe train-student --baseline` first" in " ".join(result.output.split())
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "variant 'no KD', seed 1: train-student/no-kd is missing" in message
+    assert "run `kdpipe train-student --baseline` first" in message
     result = CliRunner().invoke(app, [*two_seeds, "--build"])
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / "comparison.json").read_text())[0]
