@@ -177,7 +177,7 @@ def test_compare_scores_each_variant_over_seeds_and_never_builds_unasked(trained
     two_seeds = ["compare", "--variant", "no KD: student.lr=0.002", "--seeds", "0,1", "--out", str(tmp_path), *settings]
     result = CliRunner().invoke(app, two_seeds)
     message = " ".join(result.output.split())
-    assert result.exit_code == 2 and "variant 'no KD', seed 1: train-student/no-kd is missing" in message
+    assert result.exit_code == 2 and "variant 'no KD', seed 0: train-student/no-kd is stale" in message
     assert "run `kdpipe train-student --baseline` first" in message
     result = CliRunner().invoke(app, [*two_seeds, "--build"])
     assert result.exit_code == 0, result.output
