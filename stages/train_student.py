@@ -58,7 +58,8 @@ def run_for(kd: bool):
                        distill.Targets(combined, store.n_clips, student.kd.temperature, device))
             labelled = torch.from_numpy(store.labelled().astype(np.float32)).to(device)
             loss_fn = distill.kd_loss(targets, labelled, student.kd.label_weight)
-            probabilities = distill.teacher_probabilities(combined)
+            if not store.labelled()[train_rows].all():  # only unlabelled clips are drawn by them
+                probabilities = distill.teacher_probabilities(combined)
         if student.representations:
             loss_fn = collaborative.collaborative_loss(loss_fn, student.mutual_weight)
         plan = training.epoch_plan(store, train_rows, student, seed, probabilities)
