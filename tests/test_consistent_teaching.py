@@ -165,7 +165,8 @@ def test_unlabelled_audio_teaches_the_kd_student_only(small_demo, tmp_path):
     assert not unlabelled[np.concatenate([np.concatenate(nothing_heard(epoch)) for epoch in range(10)])].any()
     out = pipeline.ensure("train-student")
     assert (out / "best.pt").is_file()
-    Targets(combined, store.n_clips, 1.0, torch.device("cpu"))  # clean targets exist for every clip
+    targets = Targets(combined, store.n_clips, 1.0, torch.device("cpu"))
+    assert targets.present[torch.from_numpy(unlabelled)].all()  # each unlabelled clip has a KD target
 
 
 def test_views_need_model_teachers_and_a_student_needs_views_to_learn_them(small_demo, tmp_path):
