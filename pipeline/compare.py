@@ -2,8 +2,9 @@
 
 A variant is the run's config plus a few overrides (`extract.views=8`, `student.kd.enabled=false`, a
 source of unlabelled audio); its student is trained once per seed, over whatever upstream stages the
-variants share in the cache. The comparison reads the students' committed records (eval mAP of the
-best epoch on `evaluation.split`): it says which stage is missing and how to build it, or builds it.
+variants share in the cache. The comparison scores each kept student (`model.pt`, chosen without the
+evaluation split) on `evaluation.split`, as evaluate does: it says which stage is missing and how to
+build it, or builds it.
 It is a command of its own, not part of `evaluate`: `evaluate` is a stage, and a stage's output never
 depends on what else the cache holds.
 """
@@ -19,9 +20,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kdpipe import stage_names
+from kdpipe import splits, stage_names, students, training
+from kdpipe.devices import resolve_device
 from kdpipe.errors import ConfigError
+from kdpipe.frontends import build_frontend
+from kdpipe.loader import BatchLoader
+from kdpipe.metrics import tagging_metrics
 from kdpipe.runner import Pipeline
+from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 PLOT = "comparison.png"
 
@@ -55,12 +61,26 @@ def student_scores(variant: Variant, pipelines: Iterable[tuple[int, Pipeline]], 
     for seed, pipeline in pipelines:
         name = stage_names.student(pipeline.config.student.kd.enabled)
         try:
-            pipeline.output(name, build)
+            folder = pipeline.output(name, build)
         except ConfigError as error:
             raise ConfigError(f"variant {variant.name!r}, seed {seed}: {error}") from None
         seeds.append(seed)
-        scores.append(float(pipeline.cache.record(name, pipeline.key(name))["summary"]["mAP"]))
+        scores.append(evaluation_map(pipeline, folder))
     return Scores(variant, tuple(seeds), tuple(scores))
+
+
+def evaluation_map(pipeline: Pipeline, student_dir: Path) -> float:
+    """The mAP of the student a train-student output kept, on the run's evaluation split."""
+    config = pipeline.config
+    store_path = pipeline.built(stage_names.PREPARE) / STORE_FILE
+    store = WaveformStore.open(store_path)
+    rows = splits.evaluation_rows(store, config.evaluation.split)
+    device = resolve_device(config.device)
+    model = students.trained_student(student_dir, config.student, len(store.classes)).to(device)
+    frontend = build_frontend(model.frontend_config, store.sample_rate).to(device)
+    logits = training.predict(model, frontend, BatchLoader(store_path), rows, config.evaluation.batch_size, device,
+                              f"scoring on {config.evaluation.split}")
+    return float(tagging_metrics(store.column("labels")[rows].astype(bool), logits)["mAP"])
 
 
 def write_comparison(results: list[Scores], out_dir: Path, split: str) -> Path:

@@ -60,6 +60,10 @@ class DataConfig(_Section):
     )
     sample_rate: int = Field(32000, ge=8000, le=96000, description="rate of the waveform store")
     clip_seconds: float = Field(10.0, gt=0, le=600, description="clips are padded or cropped to this length")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of the train clips held out (by a hash of the clip id) as the validation "
+        "split that trained stages measure each epoch on, when the data has no 'validation' or 'val' split of its "
+        "own; 0 = none. Never trained on; prepare ignores it (kdpipe.splits)")
 
 
 class PrepareConfig(_Section):
@@ -136,8 +140,9 @@ class TrainingConfig(_Section):
     `fit_settings` hands it to `training.fit`. Defaults are the student's; teachers override some."""
 
     epochs: int = Field(200, ge=1)
-    epoch_samples: int = Field(100_000, ge=0, description="clips drawn per epoch by the sampler; "
-                               "0 = as many as there are training clips")
+    epoch_samples: int = Field(100_000, ge=0, description="clips drawn per epoch by the sampler, unlabelled "
+                               "ones included (they take draws from the labelled); 0 = as many as there are "
+                               "training clips")
     batch_size: int = Field(120, ge=1)
     balanced_sampling: bool = Field(True, description="EfficientAT's class-balanced weighted sampling")
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -151,6 +156,9 @@ class TrainingConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=PRECISION + "; the loss is in fp32")
     compile: bool = unkeyed(False, "torch.compile the model for training steps")
     num_workers: int = unkeyed(2, "loader processes", ge=0)
+    keep: Literal["last", "best"] = Field("last", description="the checkpoint a training keeps: the last epoch "
+                                          "(EfficientAT's practice), or the epoch with the best validation mAP "
+                                          "(needs a validation split; see data.validation_fraction)")
 
     def fit_settings(self, eval_batch_size: int, seed: int) -> FitSettings:
         from kdpipe.training import FitSettings
@@ -160,7 +168,7 @@ class TrainingConfig(_Section):
             warmup_epochs=self.warmup_epochs, rampdown_start=self.rampdown_start,
             rampdown_epochs=self.rampdown_epochs, last_lr_factor=self.last_lr_factor, mixup_alpha=self.mixup_alpha,
             eval_batch_size=eval_batch_size, num_workers=self.num_workers, seed=seed, precision=self.precision,
-            compile=self.compile)
+            compile=self.compile, keep=self.keep)
 
 
 class TeacherTrainingConfig(TrainingConfig):
@@ -226,6 +234,9 @@ class KDConfig(_Section):
     enabled: bool = True
     label_weight: float = Field(0.1, ge=0, le=1, description="lambda: weight of the label loss")
     temperature: float = Field(1.0, gt=0)
+    unlabelled_threshold: float = Field(
+        0.5, gt=0, lt=1, description="an unlabelled clip is drawn for the classes the teacher ensemble hears in it "
+        "with at least this probability (kdpipe.training.epoch_plan); one with none is never drawn")
     views: bool | None = Field(None, description="learn view e mod K at epoch e from its target, reproducing its "
                                "audio (consistent teaching); default: true when extract.views > 0")
     topk_fill: Literal["zero", "last_mean", "min"] = Field(
@@ -242,8 +253,8 @@ class StudentConfig(TrainingConfig):
         default_factory=list, description="train one student per representation together, with mutual KD "
         "(multi-representation mode); empty = one student on the model's own frontend")
     mutual_weight: float = Field(1.0, ge=0, description="weight of the mutual-KD term between representations")
-    keep: Literal["best", "all"] = Field("best", description="multi-representation mode: keep the best student "
-                                         "or every student")
+    keep_members: Literal["best", "all"] = Field("best", description="multi-representation mode: keep the student "
+                                                 "with the best validation mAP, or every student")
     seed: int | None = Field(None, ge=0, description="the student's own seed (init, sampling, mixup); "
                              "default: the run's seed. Vary it to repeat a student over the same teacher logits")
 
@@ -262,11 +273,24 @@ class StudentConfig(TrainingConfig):
         return representations
 
 
+VALIDATION_SPLITS = ("validation", "val")
+"""Split names a manifest may give its validation clips (kdpipe.splits)."""
+
+
 class EvaluationConfig(_Section):
-    split: str = Field("eval", description="split used for every metric")
+    split: str = Field("eval", description="split every model is scored on, by the evaluate stage only; no "
+                       "training step reads it")
     baseline: bool = Field(False, description="also train the student without KD (stage train-student/no-kd) "
                            "and evaluate it beside the KD student")
     batch_size: int = unkeyed(64, "clips per forward pass", ge=1)
+
+    @field_validator("split")
+    @classmethod
+    def _not_for_selection(cls, split: str) -> str:
+        if split in VALIDATION_SPLITS or split == "train":
+            raise ValueError(f"'{split}' is a split training reads (train, or validation for choosing checkpoints); "
+                             "score on a split no training step sees, e.g. eval")
+        return split
 
 
 class Config(_Section):

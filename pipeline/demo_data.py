@@ -133,7 +133,7 @@ _CLASSES: tuple[tuple[str, str, EventFn], ...] = (
 )
 DEMO_CLASSES: tuple[tuple[str, str], ...] = tuple((mid, name) for mid, name, _ in _CLASSES)
 
-_SPLIT_SEEDS = {"train": 0, "eval": 1, "unlabelled": 2}
+_SPLIT_SEEDS = {"train": 0, "eval": 1, "unlabelled": 2, "val": 3}
 _OGG_SERIAL = 0x6B647069  # fixed stream serial: libsndfile picks a random one per file
 
 
@@ -249,7 +249,7 @@ def _weak_labels(rng: np.random.Generator, classes: list[int], missing_labels: f
 
 
 def write_demo_dataset(
-    root: Path, *, n_train: int = 240, n_eval: int = 80, clip_seconds: float = 2.0, seed: int = 0,
+    root: Path, *, n_train: int = 240, n_eval: int = 80, n_val: int = 0, clip_seconds: float = 2.0, seed: int = 0,
     missing_labels: float = 0.0, n_unlabelled: int = 0,
 ) -> DemoDataset:
     """Generate (or regenerate, overwriting) the demo dataset under ``root``.
@@ -259,6 +259,7 @@ def write_demo_dataset(
     clips do not change when ``n_train`` does. Train labels are display names, eval labels
     are mids, so both spellings the manifest accepts are exercised. `missing_labels` leaves
     events of train clips unlabelled, as AudioSet's annotators often did; eval labels stay complete.
+    `n_val` clips form a validation split `val` (complete labels, like eval) for choosing checkpoints.
     `n_unlabelled` more train clips go to `unlabelled.csv` with their labels listed (for checking);
     a source with `labels: none` reads them as unlabelled audio.
     """
@@ -269,8 +270,8 @@ def write_demo_dataset(
     audio_dir.mkdir(parents=True, exist_ok=True)
     for stale in audio_dir.glob("demo_*"):  # clips left by an earlier, larger run
         stale.unlink()
-    rows: dict[str, list[tuple[str, str, str, str]]] = {"train": [], "eval": [], "unlabelled": []}
-    for split, n_clips in (("train", n_train), ("eval", n_eval), ("unlabelled", n_unlabelled)):
+    rows: dict[str, list[tuple[str, str, str, str]]] = {"train": [], "eval": [], "val": [], "unlabelled": []}
+    for split, n_clips in (("train", n_train), ("eval", n_eval), ("val", n_val), ("unlabelled", n_unlabelled)):
         for index in range(n_clips):
             rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_SEEDS[split], index]))
             fmt, classes = _clip_format(index), _choose_classes(rng, index)
@@ -279,16 +280,16 @@ def write_demo_dataset(
             _write_clip(root / rel_path, _render_clip(rng, classes, fmt, clip_seconds), fmt)
             labelled = _weak_labels(rng, classes, missing_labels) if split == "train" else classes
             labels = [DEMO_CLASSES[c][1 if split == "train" else 0] for c in labelled]
-            rows[split].append((clip_id, rel_path, ";".join(labels), "eval" if split == "eval" else "train"))
+            rows[split].append((clip_id, rel_path, ";".join(labels), "train" if split == "unlabelled" else split))
     manifest, class_list = root / "manifest.csv", root / "class_labels_indices.csv"
-    _write_manifest(manifest, rows["train"] + rows["eval"])
+    _write_manifest(manifest, rows["train"] + rows["eval"] + rows["val"])
     _write_class_list(class_list)
     unlabelled = root / "unlabelled.csv"
     if n_unlabelled:
         _write_manifest(unlabelled, rows["unlabelled"])
     else:
         unlabelled.unlink(missing_ok=True)
-    return DemoDataset(root=root, manifest=manifest, class_list=class_list, n_clips=n_train + n_eval,
+    return DemoDataset(root=root, manifest=manifest, class_list=class_list, n_clips=n_train + n_eval + n_val,
                        unlabelled=unlabelled if n_unlabelled else None)
 
 

@@ -1,8 +1,17 @@
 """Knowledge distillation from stored teacher logits: the targets on the device, and EfficientAT's loss.
 
-Loss = λ·BCE(student, labels) + (1 − λ)·BCE(student, sigmoid(teacher / T)), with mixup's KD term
-mixed in loss space; clips without a teacher row contribute no KD term, and clips without labels
-(unlabelled audio) no label term.
+Loss = w·L_label + (1 − w)·L_KD (w = `student.kd.label_weight`), each term a BCE averaged over the
+clips it has targets for. Under mixup, clip i is mixed with clip j = π(i) at λ_i ≥ 0.5, and its term
+is the mix of the two clips' BCEs, renormalised over the partners that have a target:
+
+    term_i = (λ_i·h_i·B(s_i, y_i) + (1 − λ_i)·h_j·B(s_i, y_j)) / (λ_i·h_i + (1 − λ_i)·h_j)
+
+with h = 1 where the clip has the target (labels: a labelled clip; KD: a teacher row) and 0 where it
+has not, B the mean over classes of BCE-with-logits, s_i the student's logits for the mixed input.
+L is the mean of term_i over the clips whose denominator is positive. BCE is linear in its target,
+so with every clip labelled and taught this is EfficientAT's loss exactly (BCE against λ·y_i +
+(1 − λ)·y_j); a partner without a target hands its share to the clip that has one, and a pair
+where neither has one adds nothing. Without mixup, λ = 1.
 
 Two kinds of targets: `Targets`, one per clip, computed on the clean clip (EfficientAT); and
 `ViewTargets` (consistent teaching, after CED), where at epoch e the student hears view e mod K of
@@ -10,6 +19,8 @@ each clip, rebuilt from its seed exactly as the teachers heard it, and learns th
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,11 +45,18 @@ def _on_device(logits: np.ndarray, n_clips: int, temperature: float, device: tor
             torch.from_numpy(present.astype(np.float32)).to(device))
 
 
-def teacher_probabilities(combined: CombinedLogits) -> np.ndarray:
-    """(N, C) float64 sigmoid of the ensemble's clean logits (0 where a row has none): what the teachers hear in
-    each clip, which stands in for the labels of unlabelled clips when drawing training batches."""
-    logits = combined.read().astype(np.float64)
-    return np.where(np.isfinite(logits), 1.0 / (1.0 + np.exp(-np.nan_to_num(logits))), 0.0)
+def confident_classes(combined: CombinedLogits, threshold: float) -> Callable[[np.ndarray], np.ndarray]:
+    """rows -> (len(rows), C) bool: the classes the ensemble hears in each clip with probability >= `threshold`
+    (none where a row has no logits). This stands in for the labels of unlabelled clips when drawing batches:
+    the ensemble's confident classes, not its whole probability row, whose hundreds of small values on rare
+    classes would each be multiplied by the largest class weights."""
+    cut = float(np.log(threshold) - np.log1p(-threshold))  # compared in logit space: no (N, C) sigmoid
+
+    def heard(rows: np.ndarray) -> np.ndarray:
+        logits = combined.read(rows=rows)
+        return np.isfinite(logits).all(axis=1, keepdims=True) & (logits >= cut)
+
+    return heard
 
 
 class Targets:
@@ -77,8 +95,10 @@ class ViewTargets(Targets):
         view = epoch % self.combined.n_views
         if view != self.view:
             self.view = view
-            self.probabilities, self.present = _on_device(self.combined.read_view(view, self.fill), self.n_clips,
-                                                          self.temperature, self.device, str(self.combined.path))
+            # tempered before the fill (kdpipe.topk), so the classes not kept get the fill's probability at any T
+            tempered = self.combined.read_view(view, self.fill, self.temperature)
+            self.probabilities, self.present = _on_device(tempered, self.n_clips, 1.0, self.device,
+                                                          str(self.combined.path))
 
     def augment(self, waves: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """This epoch's view of each clip, bit-identical to what the teachers heard on this device type."""
@@ -86,26 +106,34 @@ class ViewTargets(Targets):
                                               self.sample_rate, self.clip_samples))
 
 
+def mixed_term(own: torch.Tensor, partner: torch.Tensor, has: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
+    """The mean over clips of per-clip BCEs against the clip's own target (`own`) and, under mixup, its
+    partner's (`partner`), renormalised over those that have a target (`has`, by clip): the module docstring."""
+    if mixup is None:
+        return (own * has).sum() / has.sum().clamp(min=1.0)
+    own_share, partner_share = mixup.lam * has, (1.0 - mixup.lam) * has[mixup.perm]
+    covered = own_share + partner_share
+    counted = covered > 0
+    per_clip = (own_share * own + partner_share * partner) / covered.clamp(min=torch.finfo(covered.dtype).tiny)
+    return torch.where(counted, per_clip, torch.zeros_like(per_clip)).sum() / counted.sum().clamp(min=1)
+
+
 def kd_loss(targets: Targets, labelled: torch.Tensor, label_weight: float) -> LossFn:
     """EfficientAT's KD loss over device-resident teacher probabilities, indexed by store row.
 
-    `labelled` (N,) marks the rows with labels: the label term counts only those clips (under
-    mixup, only pairs of labelled clips), averaged over them; with every clip labelled it is
-    EfficientAT's label term exactly.
+    `labelled` (N,) marks the rows with labels. Each term is averaged over the clips (under mixup,
+    the renormalised pairs) that have its targets: the module docstring gives the formula.
     """
 
+    def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+
     def loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
-        counted = labelled[rows]
-        if mixup is not None:
-            counted = counted * counted[mixup.perm]
-        per_clip_labels = F.binary_cross_entropy_with_logits(
-            logits, mixup.mix(labels) if mixup else labels, reduction="none").mean(dim=1)
-        label_loss = (per_clip_labels * counted).sum() / counted.sum().clamp(min=1.0)
-        teacher, present = targets.probabilities[rows], targets.present[rows]
-        per_clip = F.binary_cross_entropy_with_logits(logits, teacher, reduction="none").mean(dim=1) * present
-        if mixup is not None:
-            partner = F.binary_cross_entropy_with_logits(logits, teacher[mixup.perm], reduction="none").mean(dim=1)
-            per_clip = mixup.lam * per_clip + (1.0 - mixup.lam) * partner * present[mixup.perm]
-        return label_weight * label_loss + (1.0 - label_weight) * per_clip.mean()
+        teacher = targets.probabilities[rows]
+        partner_labels = bce(logits, labels[mixup.perm]) if mixup else None
+        partner_teacher = bce(logits, teacher[mixup.perm]) if mixup else None
+        label_term = mixed_term(bce(logits, labels), partner_labels, labelled[rows], mixup)
+        kd_term = mixed_term(bce(logits, teacher), partner_teacher, targets.present[rows], mixup)
+        return label_weight * label_term + (1.0 - label_weight) * kd_term
 
     return loss

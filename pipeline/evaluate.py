@@ -74,7 +74,9 @@ class ModelResult:
     footprint: Footprint | None = None
     """None where there is no model to measure (imported logits)."""
     history: list[dict[str, Any]] = field(default_factory=list)
-    """A student's metrics.jsonl, one record per epoch."""
+    """A trained model's metrics.jsonl, one record per epoch (validation figures flattened, see read_history)."""
+    kept: str = ""
+    """Which epoch of its training the model is, and why (kept.json's reason); "" when not trained here."""
 
 
 def score(model_id: str, label: str, role: Literal["teacher", "ensemble", "student"], arch: str,
@@ -87,12 +89,19 @@ def score(model_id: str, label: str, role: Literal["teacher", "ensemble", "stude
 
 
 def read_history(metrics_jsonl: Path, member: str | None = None) -> list[dict[str, Any]]:
-    """A trained stage's per-epoch records (eval mAP, train loss, lr, ...).
+    """A trained stage's per-epoch records: epoch, lr, train_loss, and `val_mAP` where a validation split
+    was measured.
 
-    With `member`, a multi-representation group's records carry that member's own metrics.
+    With `member`, a multi-representation group's records carry that member's own validation mAP.
     """
-    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    return [{**record, **record["members"][member]} if member else record for record in records]
+    history = []
+    for line in metrics_jsonl.read_text().splitlines():
+        record = json.loads(line)
+        validation = record.pop("validation", None)
+        if validation is not None:
+            record["val_mAP"] = (validation["members"][member] if member else validation)["mAP"]
+        history.append(record)
+    return history
 
 
 @dataclass
@@ -117,7 +126,8 @@ class Evaluation:
             "split": self.split, "clips": self.clips, "classes": len(self.classes),
             "clip_seconds": self.clip_seconds, "data": self.data, "device": self.device,
             "models": [{"id": m.id, "label": m.label, "role": m.role, "arch": m.arch, "clips": m.clips,
-                        **m.metrics, **(asdict(m.footprint) if m.footprint else {})} for m in self.models],
+                        **m.metrics, **(asdict(m.footprint) if m.footprint else {}),
+                        **({"kept": m.kept} if m.kept else {})} for m in self.models],
         }
 
 

@@ -80,22 +80,43 @@ def sequential_batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def class_balanced_weights(labels: np.ndarray, offset: float = 100.0) -> np.ndarray:
-    """EfficientAT's sampling weight: the sum over a clip's classes of 1000 / (class count + offset)."""
-    counts = labels.sum(axis=0).astype(np.float64)
-    return labels.astype(np.float64) @ (1000.0 / (counts + offset))
+SAMPLING_OFFSET = 100.0
+"""EfficientAT's smoothing of class counts in its sampling weights."""
+_WEIGHT_ROWS = 65536  # rows per step of the weighted sum: float32 temporaries of (65536, C), not (N, C)
+
+
+def class_weights(labels: np.ndarray, rows: np.ndarray, offset: float = SAMPLING_OFFSET) -> np.ndarray:
+    """EfficientAT's per-class sampling weight 1000 / (count + offset), the counts over `rows` of `labels` (N, C)."""
+    counts = np.zeros(labels.shape[1], dtype=np.int64)
+    for start in range(0, len(rows), _WEIGHT_ROWS):
+        counts += labels[rows[start:start + _WEIGHT_ROWS]].sum(axis=0, dtype=np.int64)
+    return (1000.0 / (counts + offset)).astype(np.float32)
+
+
+def class_balanced_weights(labels: np.ndarray, rows: np.ndarray | None, per_class: np.ndarray) -> np.ndarray:
+    """EfficientAT's clip weight: the sum of `per_class` over the clip's classes, for `rows` of `labels`
+    (all of them when None). Multi-hot labels of any dtype; summed in float32 a block of rows at a time."""
+    n = len(labels) if rows is None else len(rows)
+    weights = np.empty(n, dtype=np.float64)
+    for start in range(0, n, _WEIGHT_ROWS):
+        block = labels[start:start + _WEIGHT_ROWS] if rows is None else labels[rows[start:start + _WEIGHT_ROWS]]
+        weights[start:start + len(block)] = block.astype(np.float32) @ per_class
+    return weights
 
 
 def weighted_batches(rows: np.ndarray, weights: np.ndarray, n_samples: int, batch_size: int,
                      rng: np.random.Generator, drop_last: bool = True) -> list[np.ndarray]:
     """Draw `n_samples` distinct rows with probability proportional to `weights`, then batch them.
 
-    Weighted sampling without replacement by Efraimidis-Spirakis keys (u ** (1 / w),
-    largest first): one vectorised pass, however large the dataset.
+    Weighted sampling without replacement by Efraimidis-Spirakis keys, u ** (1 / w) largest first,
+    computed as log(u) / w (the same order): u ** (1 / w) underflows to 0 for the small weights of
+    common classes (w ~ 0.001 for AudioSet's Speech), and ties would then be broken by row order.
+    One vectorised pass, however large the dataset.
     """
-    n_samples = min(n_samples, int(np.count_nonzero(weights)))
-    keys = rng.random(len(rows)) ** (1.0 / np.maximum(weights, 1e-12))
-    keys[weights <= 0] = -1.0
+    n_samples = min(n_samples, int(np.count_nonzero(weights > 0)))
+    positive = weights > 0
+    keys = np.full(len(rows), -np.inf)
+    keys[positive] = np.log(rng.random(len(rows))[positive]) / weights[positive]
     chosen = rows[np.argsort(-keys, kind="stable")[:n_samples]]
     rng.shuffle(chosen)
     batches = sequential_batches(chosen, batch_size)

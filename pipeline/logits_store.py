@@ -223,16 +223,18 @@ class CombinedLogits:
             return self.group["ensemble/views_topk/values"].shape[1]
         return 0
 
-    def read_view(self, view: int, fill: Fill = "zero") -> np.ndarray:
-        """(N, C) float32 ensemble logits of view `view` of every clip; from top-k storage the classes not
-        kept follow `fill` (kdpipe.topk). Only that view's chunks are read."""
+    def read_view(self, view: int, fill: Fill = "zero", temperature: float = 1.0) -> np.ndarray:
+        """(N, C) float32 ensemble logits of view `view` of every clip, divided by `temperature`; from top-k
+        storage the classes not kept follow `fill` applied after that division (kdpipe.topk). Only that
+        view's chunks are read."""
         if not 0 <= view < self.n_views:
             raise KdpipeError(f"{self.path}: no view {view}; the ensemble has {self.n_views} views")
         if "ensemble/views" in self.group:
-            return read_rows(self.group["ensemble/views"], self.path, column=view).astype(np.float32)
+            logits = read_rows(self.group["ensemble/views"], self.path, column=view).astype(np.float32)
+            return logits / np.float32(temperature) if temperature != 1.0 else logits
         values = read_rows(self.group["ensemble/views_topk/values"], self.path, column=view)
         indexes = read_rows(self.group["ensemble/views_topk/indexes"], self.path, column=view)
-        return expand_topk(values, indexes, self.group["ensemble/logits"].shape[1], fill)
+        return expand_topk(values, indexes, self.group["ensemble/logits"].shape[1], fill, temperature)
 
 
 def ensemble_of(block: dict[str, np.ndarray], weights: dict[str, float], mode: str, total: float) -> np.ndarray:

@@ -33,6 +33,9 @@ class Clip:
     """An audio file, or an HDF5 file when `hdf5_row` is set."""
     labels: tuple[str, ...]
     split: str
+    labelled: bool = True
+    """False for unlabelled audio (a source with `labels: none`): `labels` says nothing about it. A labelled
+    clip with empty `labels` is a negative for every class."""
     start: float | None = None
     end: float | None = None
     hdf5_row: int | None = None
@@ -159,7 +162,7 @@ def load_clips(data: DataConfig) -> tuple[ClassList, list[Clip]]:
     if not data.sources:
         raise KdpipeError("data.sources is empty: list at least one manifest in the config")
     classes = read_class_list(data.class_list) if data.class_list else None
-    clips = [clip if source.labels == "given" else replace(clip, labels=())
+    clips = [clip if source.labels == "given" else replace(clip, labels=(), labelled=False)
              for source in data.sources for clip in read_source(source, classes)]
     duplicates = [clip_id for clip_id, count in Counter(c.clip_id for c in clips).items() if count > 1]
     if duplicates:

@@ -131,6 +131,7 @@ def _open_or_create(config: Config, path: Path, clips: list[Clip], labels: np.nd
         clip_ids=[clip.clip_id for clip in clips],
         splits=[clip.split for clip in clips],
         labels=labels,
+        labelled=np.array([clip.labelled for clip in clips], dtype=bool),
         classes=classes,
         sample_rate=data.sample_rate,
         clip_samples=round(data.clip_seconds * data.sample_rate),
@@ -184,7 +185,7 @@ def _finish(store: WaveformStore, skipped_csv: Path, clips: list[Clip]) -> dict[
         console.info(f"prepare: {decoded} clips decoded, {len(skipped_rows)} skipped ({listed}); see {skipped_csv}")
     else:
         console.info(f"prepare: {decoded} clips decoded, none skipped")
-    unlabelled = int(sum(not clip.labels for clip in clips))
+    unlabelled = int(sum(not clip.labelled for clip in clips))
     if unlabelled:
         console.info(f"prepare: {unlabelled} clips have no labels: unlabelled audio, which teaches a KD student "
                      "through the teachers' targets only")

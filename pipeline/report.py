@@ -2,7 +2,9 @@
 
 Plots: each student's per-class AP against the teacher ensemble's; students'
 mAP against MACs and parameters with EfficientAT's published models for
-reference; students' training curves. Figures are drawn on matplotlib's Agg
+reference; students' training curves (validation mAP where measured). The report
+says which epoch of its training each model is and why, and that no training
+step read the split it is scored on. Figures are drawn on matplotlib's Agg
 canvas (no display, no pyplot state).
 """
 
@@ -55,12 +57,18 @@ def write_report(evaluation: Evaluation, out_dir: Path) -> Path:
                         "points are published AudioSet eval mAPs (models trained on AudioSet's 2 M clips), drawn "
                         "for reference: compare sizes and trends, not the heights. MACs are per "
                         f"{EFFICIENTAT_SECONDS:g} s clip for both.")
+    kept = [m for m in evaluation.models if m.kept]
+    if kept:
+        sections.append("## Which checkpoint each model is\n\n" + "\n".join(f"- **{m.label}**: {m.kept}" for m in kept)
+                        + f"\n\nEvery checkpoint was kept without the {evaluation.split} split: training reads "
+                        "only its train clips and, to choose an epoch or a member, its validation split "
+                        "(kdpipe.splits); no training step read a clip scored here.")
     trained = [m for m in students if m.history]
     if trained:
         _plot_curves(out_dir / CURVES_PLOT, trained)
         sections.append(f"## Training curves\n\n![training curves]({CURVES_PLOT})\n\n"
-                        f"Eval mAP ({evaluation.split} split) and training loss after each epoch, "
-                        "from each student's metrics.jsonl.")
+                        "Validation mAP (where the run has a validation split) and training loss after each "
+                        f"epoch, from each student's metrics.jsonl; never the {evaluation.split} split.")
     path = out_dir / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
     return path
@@ -71,7 +79,7 @@ def _header(evaluation: Evaluation) -> str:
     return (f"# kdpipe evaluation report\n\nComputed on the **{evaluation.split}** split of the run's prepared "
             f"data ({sources}): {evaluation.clips} clips of {evaluation.clip_seconds:g} s, "
             f"{len(evaluation.classes)} classes. Teachers and the ensemble are scored from their stored logits, "
-            f"students from their best.pt run over the same clips. MACs are per {evaluation.clip_seconds:g} s clip; "
+            f"students from their kept weights run over the same clips. MACs are per {evaluation.clip_seconds:g} s clip; "
             f"clips/s is a batched forward pass, frontend included, on {evaluation.device}.\n\n"
             "All numbers: [metrics.json](metrics.json); AP of every class and model: "
             "[per_class_ap.csv](per_class_ap.csv).")
@@ -133,15 +141,21 @@ def _plot_curves(path: Path, students: list[ModelResult]) -> None:
     map_axes, loss_axes = figure.subplots(1, 2)
     for student in students:
         epochs = [record["epoch"] for record in student.history]
-        map_axes.plot(epochs, [record["mAP"] for record in student.history], marker=".", label=student.label)
+        measured = [(record["epoch"], record["val_mAP"]) for record in student.history if "val_mAP" in record]
+        if measured:
+            map_axes.plot(*zip(*measured), marker=".", label=student.label)
         loss_axes.plot(epochs, [record["train_loss"] for record in student.history], marker=".", label=student.label)
-    map_axes.set(xlabel="epoch", ylabel="eval mAP", title="Eval mAP per epoch")
+    if not map_axes.lines:
+        map_axes.text(0.5, 0.5, "no validation split:\nnothing measured per epoch", ha="center", va="center",
+                      transform=map_axes.transAxes)
+    map_axes.set(xlabel="epoch", ylabel="validation mAP", title="Validation mAP per epoch")
     loss_axes.set(xlabel="epoch", ylabel="train loss", title="Training loss per epoch")
     loss_axes.ticklabel_format(axis="y", useOffset=False)
     for axes in (map_axes, loss_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        if axes.lines:
+            axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from kdpipe import atomic, collaborative, frontends
 from kdpipe.config import StudentConfig
 from kdpipe.models import create_model, load_checkpoint
+from kdpipe.training import MODEL
 
 DESCRIPTION = "student.json"
 
@@ -42,8 +43,8 @@ def build_group(student: StudentConfig, num_classes: int, sample_rate: int
 
 
 def keep_members(out_dir: Path, group: collaborative.StudentGroup, best_member: str, keep: str) -> str:
-    """Write the kept members' best weights as plain students; returns the best member's weights file."""
-    state = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
+    """Write the kept members of the kept epoch as plain students; returns `best_member`'s weights file."""
+    state = torch.load(out_dir / MODEL, map_location="cpu", weights_only=True)
     (out_dir / "students").mkdir(exist_ok=True)
     for name in group.member_names if keep == "all" else (best_member,):
         member = collaborative.member_state_dict(state, name)
@@ -70,7 +71,7 @@ def trained_student(out_dir: Path, student: StudentConfig, num_classes: int) -> 
 
 def kept_students(out_dir: Path, student: StudentConfig, num_classes: int) -> dict[str, nn.Module]:
     """Every student a train-student output kept, by representation, weights loaded: the plain students
-    of a multi-representation run (all of them with `student.keep: all`), else the one student."""
+    of a multi-representation run (all of them with `student.keep_members: all`), else the one student."""
     kept = {path.stem: load_checkpoint(build_student(student, num_classes, path.stem), path)
             for path in sorted((out_dir / "students").glob("*.pt"))}
     return kept or {"mel": trained_student(out_dir, student, num_classes)}

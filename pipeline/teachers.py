@@ -9,13 +9,14 @@ from torch import nn
 from kdpipe import stage_names
 from kdpipe.config import TeacherConfig
 from kdpipe.models import create_model, load_checkpoint
+from kdpipe.training import MODEL
 
 
 def checkpoint_path(teacher: TeacherConfig, upstream: dict[str, Path]) -> Path:
-    """The teacher's own checkpoint, or the best epoch of its train-teacher stage (an upstream output)."""
+    """The teacher's own checkpoint, or the epoch its train-teacher stage kept (an upstream output)."""
     if teacher.checkpoint is not None:
         return teacher.checkpoint
-    return upstream[stage_names.train_teacher(teacher.label)] / "best.pt"
+    return upstream[stage_names.train_teacher(teacher.label)] / MODEL
 
 
 def build_teacher(teacher: TeacherConfig, num_classes: int) -> nn.Module:

@@ -18,7 +18,8 @@ logit space. `expand_topk(fill=...)`:
   having no teacher), so the fill is ABSENT_LOGIT = logit(1e-7) ~ -16.1 (the
   floor the probability-mode ensemble clips to), or the smallest kept logit if
   that is lower, so a class that was not kept never outranks one that was.
-  The KD target is sigmoid(logit / T): at T = 2 the fill means ~3e-4.
+  With a KD temperature the fill follows the tempering (`expand_topk`), so the
+  target stays ~1e-7 at any T.
 - "last_mean": CED's LogitsReader default: the smallest kept probability,
   spread evenly over the C - k classes not kept, p = sigmoid(min) / (C - k),
   stored as its logit. It keeps some mass on the tail.
@@ -84,12 +85,17 @@ def keep_topk(logits: np.ndarray, k: int, dtype: np.dtype | type | str = np.floa
     return values, indexes
 
 
-def expand_topk(values: np.ndarray, indexes: np.ndarray, n_classes: int, fill: Fill = "zero") -> np.ndarray:
+def expand_topk(values: np.ndarray, indexes: np.ndarray, n_classes: int, fill: Fill = "zero",
+                temperature: float = 1.0) -> np.ndarray:
     """Dense (..., n_classes) float32 logits: the kept values at their indexes, `fill`'s rule elsewhere.
 
-    The rules are in the module docstring; a row with a non-finite value is absent and comes back as NaN.
+    With a KD `temperature` T the kept values are divided by T first and the fill is applied to
+    the tempered values, so sigmoid of the result is the target: the classes not kept get the
+    fill's probability (~1e-7 for `zero`) at any T, where tempering a filled logit would lift
+    `zero` to 1.8 % at T = 4. The rules are in the module docstring; a row with a non-finite
+    value is absent and comes back as NaN.
     """
-    values = np.asarray(values, dtype=np.float32)
+    values = np.asarray(values, dtype=np.float32) / np.float32(temperature)
     indexes = np.asarray(indexes)
     if values.shape != indexes.shape:
         raise ValueError(f"values {values.shape} and indexes {indexes.shape} differ in shape")

@@ -1,15 +1,18 @@
-"""Training pieces shared by every trained stage: schedule, mixup, prediction, the epoch loop.
+"""Training pieces shared by every trained stage: schedule, sampling, mixup, prediction, the epoch loop.
 
-A stage supplies the model, its frontend and a loss over (logits, rows, mixup);
-this module runs epochs from the waveform store, evaluates mAP on the eval
-split after each one, and keeps `best.pt` / `last.pt` plain state dicts and a
-`metrics.jsonl` beside them.
+A stage supplies the model, its frontend, its train and validation rows (kdpipe.splits) and a
+loss over (logits, rows, mixup); this module runs epochs from the waveform store, measures the
+validation split after each one (when there is one), and writes plain state dicts: `last.pt`,
+and `model.pt`, the checkpoint the stage keeps (`keep: last`, or the epoch with the best
+validation mAP under `keep: best`), with `kept.json` saying which epoch that is and why, and
+`metrics.jsonl`, one record per epoch. No clip of the evaluation split is ever read here.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +29,10 @@ from kdpipe.devices import resolve_precision
 from kdpipe.stage import SINGLE, Ranks
 from kdpipe.errors import KdpipeError
 from kdpipe.frontends import int16_to_float
-from kdpipe.loader import BatchLoader, class_balanced_weights, sequential_batches, weighted_batches
+from kdpipe.loader import BatchLoader, class_balanced_weights, class_weights, sequential_batches, weighted_batches
 from kdpipe.metrics import tagging_metrics
 from kdpipe.models.windowing import clip_forward
+from kdpipe.splits import TrainingSplits
 from kdpipe.waveform_store import WaveformStore
 
 if TYPE_CHECKING:
@@ -123,21 +127,6 @@ def label_loss(logits: torch.Tensor, _rows: torch.Tensor, labels: torch.Tensor, 
     return F.binary_cross_entropy_with_logits(logits, mixup.mix(labels) if mixup else labels)
 
 
-def train_and_eval_rows(store: WaveformStore, eval_split: str, stage: str, unlabelled: bool = False
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded clips of the 'train' split and of the evaluation split; both must exist.
-
-    Train clips without labels are left out unless `unlabelled` (they teach through teacher targets only).
-    """
-    train_rows, eval_rows = store.rows("train"), store.rows(eval_split)
-    if not unlabelled:
-        train_rows = train_rows[store.labelled()[train_rows]]
-    if len(train_rows) == 0 or len(eval_rows) == 0:
-        raise KdpipeError(f"{stage} needs clips in the 'train' and '{eval_split}' splits; "
-                          f"the store has {len(train_rows)} and {len(eval_rows)}")
-    return train_rows, eval_rows
-
-
 def weighted_epochs(train_rows: np.ndarray, weights: np.ndarray, clips_per_epoch: int, batch_size: int,
                     seed: int) -> Callable[[int], list[np.ndarray]]:
     """Each epoch's batches, drawn afresh from (seed, epoch): a resumed run draws the same ones."""
@@ -149,20 +138,38 @@ def weighted_epochs(train_rows: np.ndarray, weights: np.ndarray, clips_per_epoch
     return epoch_batches
 
 
-def epoch_plan(store: WaveformStore, train_rows: np.ndarray, settings: TrainingConfig, seed: int,
-               teacher_probabilities: np.ndarray | None = None) -> Callable[[int], list[np.ndarray]]:
-    """A training section's epochs: `epoch_samples` clips each (0 = as many as there are training clips),
-    drawn with EfficientAT's class-balanced weights or uniformly.
+def sampling_weights(store: WaveformStore, train_rows: np.ndarray, balanced: bool,
+                     heard: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Each train row's weight in the draw: EfficientAT's class-balanced weight, or 1 without balancing.
 
-    An unlabelled clip is weighted by the teacher's probabilities in place of its labels
-    (`teacher_probabilities`, (N, C) by store row): the classes the teacher hears in it.
+    Unlabelled clips (KD students only) are weighted by `heard(rows)`, (len(rows), C) bool: the classes
+    the teachers confidently hear in each (kdpipe.distill.confident_classes), at the per-class weights
+    of the labelled clips alone. So an unlabelled clip weighs what a labelled clip of the same classes
+    weighs, one the teachers hear nothing in is never drawn, and the labelled clips keep exactly the
+    weights they have without unlabelled ones.
     """
-    labels = store.column("labels")[train_rows].astype(np.float64)
+    if not balanced:
+        return np.ones(len(train_rows))
     unlabelled = ~store.labelled()[train_rows]
+    labels = store.column("labels")
+    per_class = class_weights(labels, train_rows[~unlabelled])
+    weights = class_balanced_weights(labels, train_rows, per_class)
     if unlabelled.any():
-        assert teacher_probabilities is not None, "unlabelled clips are drawn by their teacher probabilities"
-        labels[unlabelled] = teacher_probabilities[train_rows[unlabelled]]
-    weights = class_balanced_weights(labels) if settings.balanced_sampling else np.ones(len(train_rows))
+        assert heard is not None, "unlabelled clips are drawn by the classes the teachers hear in them"
+        weights[unlabelled] = class_balanced_weights(heard(train_rows[unlabelled]), None, per_class)
+    return weights
+
+
+def epoch_plan(store: WaveformStore, train_rows: np.ndarray, settings: TrainingConfig, seed: int,
+               heard: Callable[[np.ndarray], np.ndarray] | None = None) -> Callable[[int], list[np.ndarray]]:
+    """A training section's epochs: `epoch_samples` clips each (0 = one draw per train clip), drawn by
+    `sampling_weights`.
+
+    An epoch stays `epoch_samples` draws when unlabelled clips join: they take their share of the weight
+    from the labelled clips rather than adding draws (EfficientAT's fixed epoch); with `epoch_samples: 0`
+    an epoch is one draw per train clip, labelled or not, so they add draws.
+    """
+    weights = sampling_weights(store, train_rows, settings.balanced_sampling, heard)
     return weighted_epochs(train_rows, weights, settings.epoch_samples or len(train_rows), settings.batch_size,
                            seed)
 
@@ -183,6 +190,7 @@ class FitSettings:
     seed: int
     precision: str = "auto"
     compile: bool = False
+    keep: str = "last"
 
     def bf16(self, device: torch.device) -> bool:
         """bf16 autocast for the model's forward (kdpipe.devices says what `auto` means)."""
@@ -216,19 +224,27 @@ def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Opt
     return loss.detach()
 
 
+MODEL, LAST, KEPT, METRICS = "model.pt", "last.pt", "kept.json", "metrics.jsonl"
+OUTPUTS = (MODEL, LAST, KEPT, METRICS)
+"""What `fit` leaves in a trained stage's folder (module docstring)."""
+
+
 def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: Callable[[int], list[np.ndarray]],
-        eval_rows: np.ndarray, loss_fn: LossFn, settings: FitSettings, out_dir: Path,
+        splits: TrainingSplits, loss_fn: LossFn, settings: FitSettings, out_dir: Path,
         device: torch.device, ranks: Ranks = SINGLE, inputs: EpochInputs | None = None) -> dict:
-    """Train for `settings.epochs`, evaluating after each (on clean clips); returns the best epoch's metrics.
+    """Train for `settings.epochs`, measuring the validation split after each (on clean clips, when there is
+    one); returns the kept epoch's record (`kept.json`'s content).
 
     `inputs` changes what each epoch hears (consistent teaching: that epoch's view of every clip).
 
     With several ranks, each trains on its share of every epoch's batches under DDP;
-    rank 0 alone evaluates and writes, and the others wait for it at each epoch's end.
+    rank 0 alone measures and writes, and the others wait for it at each epoch's end.
     """
+    assert settings.keep == "last" or len(splits.validation), "keep: best needs a validation split (splits.py)"
     store = WaveformStore.open(store_path)
     labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
-    eval_targets = store.column("labels")[eval_rows].astype(bool)
+    validation_rows = splits.validation
+    validation_targets = store.column("labels")[validation_rows].astype(bool)
     members = tuple(getattr(model, "member_names", ()))
     max_frames = getattr(model, "max_frames", None)  # read before wrapping: DDP and compile hide it
     # NHWC: the depthwise and 1x1 convolutions of CNNs run faster in it (mn10 training 1.3x on a CPU).
@@ -243,7 +259,7 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_multiplier(
         e, settings.warmup_epochs, settings.rampdown_start, settings.rampdown_epochs, settings.last_lr_factor))
     rng = np.random.default_rng([settings.seed, 1, ranks.rank])
-    metrics_file = out_dir / "metrics.jsonl"
+    metrics_file = out_dir / METRICS
     distributed.barrier(ranks)  # rank 0 has prepared the output folder
     start, best = _resume(out_dir, model, optimizer, schedule, rng, ranks)
     if ranks.is_main:
@@ -269,22 +285,59 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         if not ranks.is_main:
             _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best, ranks)
             continue
-        scores = predict(model, frontend, loader, eval_rows, settings.eval_batch_size, device, "evaluating")
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1),
-                  **evaluation_record(eval_targets, scores, members), "seconds": round(time.time() - started, 2)}
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1)}
+        message = f"epoch {epoch + 1}: loss {record['train_loss']:.4f}"
+        if len(validation_rows):
+            scores = predict(model, frontend, loader, validation_rows, settings.eval_batch_size, device,
+                             "validating")
+            record["validation"] = evaluation_record(validation_targets, scores, members)
+            message += f", validation mAP {record['validation']['mAP']:.4f}"
+        record["seconds"] = round(time.time() - started, 2)
         with open(metrics_file, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        torch.save(model.state_dict(), out_dir / "last.pt")
-        if record["mAP"] > best["mAP"]:
+        _save_weights(model, out_dir / LAST)
+        if settings.keep == "best" and record["validation"]["mAP"] > best.get("validation", {"mAP": -1.0})["mAP"]:
             best = record
-            torch.save(model.state_dict(), out_dir / "best.pt")
+            _save_weights(model, out_dir / MODEL)
         _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best, ranks)
-        console.info(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, eval mAP {record['mAP']:.4f}, "
-                     f"mAUC {record['mAUC']:.4f}")
+        console.info(message)
     distributed.barrier(ranks)
-    if ranks.is_main:
-        (out_dir / RESUME).unlink(missing_ok=True)
-    return best
+    if not ranks.is_main:
+        return {}
+    kept = _keep(out_dir, settings, best, splits.validation_name)
+    (out_dir / RESUME).unlink(missing_ok=True)
+    return kept
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """A plain state dict, written atomically (a new file each time: `model.pt` may be a link to `last.pt`)."""
+    state = model.state_dict()
+    atomic.write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _keep(out_dir: Path, settings: FitSettings, best: dict, validation_name: str) -> dict:
+    """Settle `model.pt` and write `kept.json`: which epoch the stage keeps, and why."""
+    records = [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines()]
+    if settings.keep == "best":
+        record = best
+        reason = (f"epoch {record['epoch']} of {settings.epochs}: the best validation mAP "
+                  f"({record['validation']['mAP']:.4f}) on {validation_name} (keep: best)")
+    else:
+        record = records[-1]
+        (out_dir / MODEL).unlink(missing_ok=True)
+        os.link(out_dir / LAST, out_dir / MODEL)  # the same bytes, once on disk
+        reason = f"the last epoch, {record['epoch']} of {settings.epochs} (keep: last)"
+    kept = {"keep": settings.keep, "epoch": record["epoch"], "reason": reason, "weights": MODEL,
+            "validation": validation_name or None,
+            **({"validation_metrics": record["validation"]} if "validation" in record else {})}
+    atomic.write_text(out_dir / KEPT, json.dumps(kept, indent=2))
+    console.info(f"kept {reason}")
+    return kept
+
+
+def read_kept(out_dir: Path) -> dict:
+    """A trained stage's `kept.json`: the kept epoch, why, and its validation metrics (when measured)."""
+    return json.loads((out_dir / KEPT).read_text())
 
 
 def _sum_over_ranks(values: tuple[float, ...], ranks: Ranks) -> tuple[float, ...]:
@@ -322,7 +375,7 @@ def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     """Restore a saved state if the folder has one; returns the epochs already done and the best so far."""
     path = out_dir / RESUME
     if not path.is_file():
-        return 0, {"mAP": -1.0}
+        return 0, {}
     state = torch.load(path, map_location="cpu", weights_only=True)
     if len(state["ranks"]) != ranks.world:
         raise KdpipeError(f"{path} was saved by {len(state['ranks'])} processes; resume it with as many "

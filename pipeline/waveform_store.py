@@ -4,6 +4,8 @@ Layout of `waveforms.zarr` (one row per manifest clip, in manifest order):
   waveform (N, samples) int16   chunks of one clip (read one clip alone), shards of
                                 `shard_clips` clips (one file, and one writer, each)
   labels   (N, classes) uint8   multi-hot
+  labelled (N,) bool            the clip's labels were given (False: unlabelled audio, a source
+                                with `labels: none`); a labelled clip may have no positive class
   clip_id, split (N,) str
   status   (N,) str             "ok", or why the clip was skipped ("" = not decoded yet)
   message  (N,) str             details for skipped clips
@@ -27,7 +29,7 @@ from kdpipe.classes import ClassList
 from kdpipe.integrity import array_settings, check_written, read_rows
 from kdpipe.zarr_groups import create_done_flags, open_group
 
-FORMAT = "kdpipe.waveforms/1"
+FORMAT = "kdpipe.waveforms/2"
 STORE_FILE = "waveforms.zarr"  # in the prepare output
 OK = "ok"
 
@@ -53,6 +55,7 @@ class WaveformStore:
         clip_ids: list[str],
         splits: list[str],
         labels: np.ndarray,
+        labelled: np.ndarray,
         classes: ClassList,
         sample_rate: int,
         clip_samples: int,
@@ -81,6 +84,7 @@ class WaveformStore:
         per_clip = {"chunks": (shard_clips,), "dimension_names": ("clip",), **array_settings()}
         group.create_array("labels", shape=(n, len(classes)), dtype="uint8", chunks=(shard_clips, len(classes)),
                            fill_value=0, dimension_names=("clip", "class"), **array_settings())[:] = labels
+        group.create_array("labelled", shape=(n,), dtype=bool, **per_clip)[:] = np.asarray(labelled, dtype=bool)
         group.create_array("clip_id", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(clip_ids)
         group.create_array("split", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(splits)
         group.create_array("status", shape=(n,), dtype=str, **per_clip)
@@ -126,13 +130,14 @@ class WaveformStore:
 
     # ------------------------------------------------------------ reading
     def column(self, name: str) -> np.ndarray:
-        """A whole per-clip array: clip_id, split, labels, status or message."""
+        """A whole per-clip array: clip_id, split, labels, labelled, status or message."""
         return read_rows(self.group[name], self.path)
 
     def labelled(self) -> np.ndarray:
-        """(N,) bool: clips with at least one label. The others are unlabelled audio (an empty labels field, or
-        a source with `labels: none`), which teaches a KD student through teacher targets only."""
-        return self.column("labels").any(axis=1)
+        """(N,) bool: clips whose labels were given, as prepare recorded them. The others are unlabelled audio
+        (a source with `labels: none`), which teaches a KD student through teacher targets only. A labelled
+        clip with no positive class is a negative for every class, not unlabelled."""
+        return self.column("labelled")
 
     def rows(self, split: str | None = None) -> np.ndarray:
         """Indices of the decoded (status ok) clips, optionally of one split."""

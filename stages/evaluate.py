@@ -1,10 +1,11 @@
 """`evaluate`: every teacher, the ensemble and every student of the run, scored on the same clips, and a report.
 
 Inputs: the waveform store, extract-teachers' logits (when the run has
-teachers), and the best weights of each student stage of the run: the KD
+teachers), and the kept weights of each student stage of the run: the KD
 student and, when the config has it, the no-KD baseline (`evaluation.baseline`).
 Parameters: `evaluation.split`. Outputs: `metrics.json`, `per_class_ap.csv`,
-`report.md` and the PNG plots it links.
+`report.md` and the PNG plots it links. This is the only stage that reads the
+evaluation split: every model it scores was kept without it (kdpipe.splits).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe import bench, console, devices, evaluate, metrics, report, stage_names, training
+from kdpipe import bench, console, devices, evaluate, metrics, report, splits, stage_names, training
 from kdpipe.config import Config
-from kdpipe.errors import KdpipeError
 from kdpipe.evaluate import Evaluation, ModelResult
 from kdpipe.extraction import Teacher, TeacherSpec
 from kdpipe.frontends import build_frontend, int16_to_float
@@ -40,6 +40,8 @@ def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, t
                                 teacher.arch or "imported logits", targets, combined.read(teacher.label, rows))
         if teacher.logits is None:  # a model to measure (imported logits come without one)
             checkpoint = Path(combined.attributes(teacher.label)["checkpoint"])
+            if teacher.trainable:  # trained by train-teacher: its record of the kept epoch is beside it
+                result.kept = training.read_kept(checkpoint.parent)["reason"]
             loaded = Teacher(TeacherSpec(teacher.label, teacher.arch, checkpoint,
                                          dict(teacher.options), dict(teacher.frontend), config.extract.precision),
                              store.sample_rate, device, config.evaluation.batch_size)
@@ -75,7 +77,8 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
             model, lambda waves: clip_forward(model, frontend(int16_to_float(waves.to(device)))),
             config.data.clip_seconds,
             store.clip_samples, config.evaluation.batch_size, device)
-        result.history = evaluate.read_history(folder / "metrics.jsonl", member)
+        result.history = evaluate.read_history(folder / training.METRICS, member)
+        result.kept = training.read_kept(folder)["reason"]
         results.append(result)
     return results
 
@@ -85,9 +88,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     split = config.evaluation.split
     store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
     store = WaveformStore.open(store_path)
-    rows = store.rows(split)
-    if len(rows) == 0:
-        raise KdpipeError(f"evaluation.split: the store has no decoded clips in split '{split}'")
+    rows = splits.evaluation_rows(store, split)
     targets = store.column("labels")[rows].astype(bool)
     device = devices.resolve_device(config.device)
     results = teacher_results(ctx, store, rows, targets, device) if stage_names.ENSEMBLE in ctx.upstream else []

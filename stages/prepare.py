@@ -1,7 +1,8 @@
 """Stage `prepare`: decode every clip of the manifests once into the int16 waveform store.
 
-Inputs: the sources and class list named in `data`. Parameters: `data` and
-`prepare` (kdpipe.preparation does the work). Outputs: `waveforms.zarr` and
+Inputs: the sources and class list named in `data`. Parameters: `data` (but
+`data.validation_fraction`, which only the trained stages read) and `prepare`
+(kdpipe.preparation does the work). Outputs: `waveforms.zarr` and
 `skipped.csv` (every clip left out, with its reason); a killed run resumes at
 the first unfinished shard.
 """
@@ -28,7 +29,7 @@ def stages(config: Config) -> list[Stage]:
     return [Stage(
         name=stage_names.PREPARE,
         command="prepare",
-        params=("data", "prepare"),
+        params=("data.sources", "data.class_list", "data.sample_rate", "data.clip_seconds", "prepare"),
         outputs=(STORE_FILE, preparation.SKIPPED_FILE),
         run=lambda ctx: preparation.prepare_store(ctx.config, ctx.out_dir, ctx.input_hashes),
         code=(sys.modules[__name__],),

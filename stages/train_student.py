@@ -2,17 +2,18 @@
 `train-student/no-kd` trains the same student on the labels alone, the baseline KD is measured against.
 
 Inputs: the waveform store and, with KD, the ensemble logits of extract-teachers.
-Parameters: `student` (its `kd` settings only with KD), `evaluation.split`, `seed`.
-Outputs: `best.pt` (best eval mAP), `last.pt`, `metrics.jsonl`, and `student.json`,
-which says how to rebuild the kept student (kdpipe.students reads it). In
-multi-representation mode `best.pt` / `last.pt` hold the whole group and
-`students/<representation>.pt` the plain students kept. Under torchrun every rank
-runs the stage; rank 0 alone writes.
+Parameters: `student` (its `kd` settings only with KD), `data.validation_fraction`, `seed`.
+Outputs: `model.pt` (the kept epoch, by `student.keep`), `kept.json` (which epoch and why),
+`last.pt`, `metrics.jsonl` (kdpipe.training), and `student.json`, which says how to rebuild
+the kept student (kdpipe.students reads it). In multi-representation mode `model.pt` /
+`last.pt` hold the whole group and `students/<representation>.pt` the plain students kept
+(the best on validation, or all of them). The evaluation split is never read. Under
+torchrun every rank runs the stage; rank 0 alone writes.
 
 With views (`extract.views` > 0, consistent teaching), the KD student hears view e mod K of
 every clip at epoch e, rebuilt from its seed, and learns that view's target (kdpipe.distill).
-Train clips without labels join a KD student's training for the KD term only, drawn by the
-teachers' probabilities; the baseline leaves them out.
+Unlabelled train clips join a KD student's training for the KD term only, drawn for the classes
+the teachers confidently hear in them (kdpipe.training.epoch_plan); the baseline leaves them out.
 
 A config with `student.kd.enabled: false` has only the baseline, and its key is the
 one the baseline of the same config with KD has: one build serves both.
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe import collaborative, devices, distill, frontends, stage_names, students, training
+from kdpipe import collaborative, devices, distill, frontends, splits, stage_names, students, training
 from kdpipe.config import Config, keyed_values
 from kdpipe.logits_store import CombinedLogits
 from kdpipe.stage import Stage, StageContext
@@ -40,7 +41,10 @@ def run_for(kd: bool):
         name = stage_names.student(kd)
         store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
         store = WaveformStore.open(store_path)
-        train_rows, eval_rows = training.train_and_eval_rows(store, config.evaluation.split, name, unlabelled=kd)
+        rows = splits.training_splits(store, config.data.validation_fraction, name, unlabelled=kd)
+        splits.require_validation(rows, student.keep, "student.keep")
+        if student.representations and student.keep_members == "best":
+            splits.require_validation(rows, student.keep_members, "student.keep_members")
         device = devices.resolve_device(config.device, ranks)
         seed = config.seed if student.seed is None else student.seed
         torch.manual_seed(seed)
@@ -50,7 +54,7 @@ def run_for(kd: bool):
         else:
             model = students.build_student(student, n_classes)
             frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
-        loss_fn, targets, probabilities = training.label_loss, None, None
+        loss_fn, targets, heard = training.label_loss, None, None
         if kd:
             combined = CombinedLogits.in_folder(ctx.upstream[stage_names.ENSEMBLE])
             targets = (distill.ViewTargets(combined, config, store.n_clips, store.sample_rate, store.clip_samples,
@@ -58,27 +62,23 @@ def run_for(kd: bool):
                        distill.Targets(combined, store.n_clips, student.kd.temperature, device))
             labelled = torch.from_numpy(store.labelled().astype(np.float32)).to(device)
             loss_fn = distill.kd_loss(targets, labelled, student.kd.label_weight)
-            if not store.labelled()[train_rows].all():  # only unlabelled clips are drawn by them
-                probabilities = distill.teacher_probabilities(combined)
+            heard = distill.confident_classes(combined, student.kd.unlabelled_threshold)
         if student.representations:
             loss_fn = collaborative.collaborative_loss(loss_fn, student.mutual_weight)
-        plan = training.epoch_plan(store, train_rows, student, seed, probabilities)
-        best = training.fit(model, frontend, store_path, plan, eval_rows, loss_fn,
+        plan = training.epoch_plan(store, rows.train, student, seed, heard)
+        kept = training.fit(model, frontend, store_path, plan, rows, loss_fn,
                             student.fit_settings(config.evaluation.batch_size, seed), ctx.out_dir, device, ranks,
                             targets if config.learns_from_views else None)
         if not ranks.is_main:
             return {}
-        representation, weights = "mel", "best.pt"
+        representation, weights = "mel", training.MODEL
         if isinstance(model, collaborative.StudentGroup):
-            representation = best["best_member"]
-            weights = students.keep_members(ctx.out_dir, model, representation, student.keep)
-        kept = students.describe(ctx.out_dir, student, n_classes, representation, weights)
-        summary = {"arch": student.arch, "kd": kd, "representation": representation, "best_epoch": best["epoch"],
-                   "mAP": best["mAP"], "mAUC": best["mAUC"], "d_prime": best["d_prime"],
-                   "parameters": sum(p.numel() for p in kept.parameters())}
-        if "members" in best:
-            summary["members"] = {member: metrics["mAP"] for member, metrics in best["members"].items()}
-        return summary
+            validation = kept.get("validation_metrics")
+            representation = validation["best_member"] if validation else model.member_names[0]
+            weights = students.keep_members(ctx.out_dir, model, representation, student.keep_members)
+        student_model = students.describe(ctx.out_dir, student, n_classes, representation, weights)
+        return {"arch": student.arch, "kd": kd, "representation": representation, **kept,
+                "parameters": sum(p.numel() for p in student_model.parameters())}
 
     return run
 
@@ -88,10 +88,10 @@ def stage(kd: bool) -> Stage:
     return Stage(
         name=stage_names.student(kd),
         command="train-student" if kd else "train-student --baseline",
-        params=("evaluation.split", "seed"),
+        params=("data.validation_fraction", "seed"),
         param_values=lambda config: {"student": {key: value for key, value in keyed_values(config.student).items()
                                                  if kd or key != "kd"}},
-        outputs=("best.pt", "last.pt", "metrics.jsonl", students.DESCRIPTION),
+        outputs=(*training.OUTPUTS, students.DESCRIPTION),
         run=run_for(kd),
         code=(sys.modules[__name__],),
         upstream=(stage_names.PREPARE, stage_names.ENSEMBLE) if kd else (stage_names.PREPARE,),

@@ -32,8 +32,8 @@ def audioset_metadata() -> Path:
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> DemoDataset:
-    """A 24-clip demo dataset of 1 s clips in mixed formats and sample rates."""
-    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_eval=8, clip_seconds=1.0)
+    """A 32-clip demo dataset (train 16, eval 8, val 8) of 1 s clips in mixed formats and sample rates."""
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_eval=8, n_val=8, clip_seconds=1.0)
 
 
 @dataclass(frozen=True)

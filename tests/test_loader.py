@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from kdpipe.config import load_config
-from kdpipe.loader import BatchLoader, batch_loader, class_balanced_weights, sequential_batches, weighted_batches
+from kdpipe.classes import ClassList
+from kdpipe.config import TrainingConfig
+from kdpipe.loader import (BatchLoader, batch_loader, class_balanced_weights, class_weights, sequential_batches,
+                           weighted_batches)
 from kdpipe.runner import Pipeline
-from kdpipe.training import Mixup, lr_multiplier
+from kdpipe.training import Mixup, epoch_plan, lr_multiplier, sampling_weights
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages import build_stages
 
@@ -52,7 +55,61 @@ def test_one_loader_serves_every_pass_with_the_same_worker_processes(store_path)
 def test_class_balanced_weights_follow_efficientat():
     labels = np.array([[1, 0], [1, 0], [1, 1], [0, 1]], dtype=np.uint8)
     expected = [1000 / 103, 1000 / 103, 1000 / 103 + 1000 / 102, 1000 / 102]
-    np.testing.assert_allclose(class_balanced_weights(labels), expected)
+    per_class = class_weights(labels, np.arange(4))
+    np.testing.assert_allclose(per_class, [1000 / 103, 1000 / 102], rtol=1e-6)
+    np.testing.assert_allclose(class_balanced_weights(labels, None, per_class), expected, rtol=1e-6)
+    np.testing.assert_allclose(class_balanced_weights(labels, np.array([3, 0]), per_class), expected[::-3], rtol=1e-6)
+
+
+def test_weighted_draws_of_tiny_weights_do_not_favour_low_rows():
+    """Weights of AudioSet's common classes (~0.001): u ** (1 / w) would be 0 for most rows, and ties go to the
+    lowest row indexes; log(u) / w keeps the draw uniform among equal weights."""
+    rows = np.arange(10_000)
+    weights = np.full(len(rows), 1000 / (1_000_000 + 100))  # a Speech-only clip
+    drawn = np.concatenate([np.concatenate(weighted_batches(rows, weights, 200, 10, np.random.default_rng(seed)))
+                            for seed in range(10)])
+    assert abs(drawn.mean() - 5000) < 300  # 2,000 uniform draws: sd of the mean ~65
+
+
+def _audioset_like_store(path, n_labelled=16_000, n_unlabelled=4_000, n_classes=527, seed=0):
+    """A store (labels only, no audio) with AudioSet's shape of imbalance: 527 classes whose frequencies fall as a
+    power law (the first ~280 times as common as the last), 1-3 classes a clip; the unlabelled clips drawn from
+    the same distribution. Returns the store, its rows, and each clip's true classes."""
+    rng = np.random.default_rng(seed)
+    n = n_labelled + n_unlabelled
+    frequency = 1.0 / np.arange(1, n_classes + 1) ** 0.9
+    truth = np.zeros((n, n_classes), dtype=np.uint8)
+    for row in range(n):
+        truth[row, rng.choice(n_classes, size=rng.integers(1, 4), replace=False, p=frequency / frequency.sum())] = 1
+    labelled = np.arange(n) < n_labelled
+    names = tuple(f"c{i}" for i in range(n_classes))
+    store = WaveformStore.create(path, clip_ids=[f"clip{i}" for i in range(n)], splits=["train"] * n,
+                                 labels=truth * labelled[:, None], labelled=labelled, classes=ClassList(names, names),
+                                 sample_rate=16000, clip_samples=16, shard_clips=4096)
+    return store, np.arange(n), truth
+
+
+def test_unlabelled_clips_take_their_share_of_an_epoch_and_leave_the_labelled_balance_alone(tmp_path):
+    """20 % of the clips are unlabelled, distributed like the labelled ones; the teachers hear each one's classes
+    at 0.9 and every other class at 0.01 (AudioSet's tail of small probabilities)."""
+    store, rows, truth = _audioset_like_store(tmp_path / "store.zarr")
+    unlabelled = ~store.labelled()
+    probabilities = np.where(truth > 0, 0.9, 0.01).astype(np.float32)
+    heard = lambda picked: probabilities[picked] >= 0.5  # noqa: E731 - confident_classes on these probabilities
+    weights = sampling_weights(store, rows, True, heard)
+    alone = sampling_weights(store, rows[~unlabelled], True)
+    np.testing.assert_array_equal(weights[~unlabelled], alone)  # the labelled clips' balance is unchanged
+    settings = TrainingConfig(epoch_samples=2000, batch_size=50)
+    drawn = np.concatenate([np.concatenate(epoch_plan(store, rows, settings, 0, heard)(epoch)) for epoch in range(5)])
+    assert len(drawn) == 5 * 2000  # an epoch stays epoch_samples draws: unlabelled clips take, not add
+    share = unlabelled[drawn].mean()
+    assert abs(share - 0.2) < 0.03, share  # tracks their share of the data (0.2) within 0.03
+    # what the soft probabilities did instead: every small probability times a rare class's weight
+    per_class = class_weights(store.column("labels"), rows[~unlabelled])
+    soft = class_balanced_weights(probabilities[unlabelled], None, per_class)
+    assert soft.sum() / (soft.sum() + weights[~unlabelled].sum()) > 0.5  # measured: 0.58 of the draws
+    everyone = TrainingConfig(epoch_samples=0, batch_size=50)
+    assert sum(map(len, epoch_plan(store, rows, everyone, 0, heard)(0))) == len(rows)  # epoch_samples 0: one each
 
 
 def test_weighted_batches_are_distinct_and_follow_weights():

@@ -61,6 +61,20 @@ def test_zero_fill_is_probability_about_zero(logits):
         assert (row[mask] == expected).all()
 
 
+@pytest.mark.parametrize("fill", ["zero", "last_mean", "min"])
+def test_the_fill_follows_the_temperature(logits, fill):
+    """At T = 4 the kept classes are tempered and the rest get the fill rule of the tempered values: `zero` stays
+    ~1e-7 (tempering a filled logit would make it sigmoid(-16.1 / 4), 1.8 %)."""
+    values, indexes = keep_topk(logits, K, dtype=np.float32)
+    tempered = expand_topk(values, indexes, C, fill, temperature=4.0)
+    np.testing.assert_array_equal(tempered, expand_topk(values / np.float32(4.0), indexes, C, fill))
+    kept = ~not_kept(indexes)
+    np.testing.assert_allclose(tempered[kept], logits[kept] / 4.0, rtol=1e-6)
+    if fill == "zero":
+        probabilities = 1.0 / (1.0 + np.exp(-tempered[~kept].astype(np.float64)))
+        assert probabilities.max() <= 1.01e-7
+
+
 def test_zero_fill_never_outranks_a_kept_class():
     row = np.full(C, -40.0, dtype=np.float32)
     row[:K] = np.linspace(-20.0, -30.0, K)  # every kept logit below ABSENT_LOGIT

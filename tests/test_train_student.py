@@ -34,50 +34,64 @@ from kdpipe.students import build_student, trained_student
 import helpers
 
 
-def test_kd_loss_follows_efficientat_semantics():
+def _reference_term(logits, targets, has, lam, perm):
+    """One term of the KD loss, clip by clip: own and partner BCE, renormalised over the partners with a target."""
+    terms = []
+    for i, j in enumerate(perm):
+        own, partner = lam[i] * has[i], (1 - lam[i]) * has[j]
+        if own + partner > 0:
+            terms.append((own * F.binary_cross_entropy_with_logits(logits[i], targets[i])
+                          + partner * F.binary_cross_entropy_with_logits(logits[i], targets[j])) / (own + partner))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def test_kd_loss_is_efficientat_s_when_every_clip_has_labels_and_a_teacher():
     torch.manual_seed(0)
     logits, labels = torch.randn(6, 5), (torch.rand(6, 5) > 0.7).float()
-    teacher_logits = torch.randn(10, 5)
-    targets = torch.sigmoid(teacher_logits / 2.0)
-    present = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.float32)  # row 3 has no teacher
+    targets = torch.sigmoid(torch.randn(10, 5) / 2.0)
     rows = torch.tensor([0, 3, 5, 7, 8, 9])
-    stored = SimpleNamespace(probabilities=targets, present=present)
-    everyone = torch.ones(10)
-    loss = kd_loss(stored, everyone, 0.1)(logits, rows, labels, None)
-    label_part = F.binary_cross_entropy_with_logits(logits, labels)
-    per_clip = torch.stack([F.binary_cross_entropy_with_logits(logits[i], targets[r]) * present[r]
-                            for i, r in enumerate(rows)])
-    torch.testing.assert_close(loss, 0.1 * label_part + 0.9 * per_clip.mean())
-    mixup = Mixup(torch.full((6,), 0.7), torch.tensor([1, 0, 3, 2, 5, 4]))
-    mixed = kd_loss(stored, everyone, 0.1)(logits, rows, labels, mixup)
-    expected_kd = torch.stack([
-        0.7 * F.binary_cross_entropy_with_logits(logits[i], targets[rows[i]]) * present[rows[i]]
-        + 0.3 * F.binary_cross_entropy_with_logits(logits[i], targets[rows[j]]) * present[rows[j]]
-        for i, j in enumerate(mixup.perm.tolist())])
-    expected_label = F.binary_cross_entropy_with_logits(logits, 0.7 * labels + 0.3 * labels[mixup.perm])
-    torch.testing.assert_close(mixed, 0.1 * expected_label + 0.9 * expected_kd.mean())
+    stored = SimpleNamespace(probabilities=targets, present=torch.ones(10))
+    loss = kd_loss(stored, torch.ones(10), 0.1)(logits, rows, labels, None)
+    bce = F.binary_cross_entropy_with_logits
+    torch.testing.assert_close(loss, 0.1 * bce(logits, labels) + 0.9 * bce(logits, targets[rows]))
+    mixup = Mixup(torch.tensor([0.7, 0.9, 0.5, 0.6, 0.8, 0.55]), torch.tensor([1, 0, 3, 2, 5, 4]))
+    lam = mixup.lam[:, None]
+    mixed = kd_loss(stored, torch.ones(10), 0.1)(logits, rows, labels, mixup)
+    teacher = targets[rows]
+    torch.testing.assert_close(mixed, 0.1 * bce(logits, lam * labels + (1 - lam) * labels[mixup.perm])
+                               + 0.9 * bce(logits, lam * teacher + (1 - lam) * teacher[mixup.perm]))
 
 
-def test_unlabelled_clips_get_no_label_term_and_keep_their_kd_term():
-    """Rows 5 and 8 are unlabelled audio: the label term averages the labelled clips only (under mixup, pairs
-    of labelled clips); the KD term is untouched."""
+def test_each_kd_term_averages_the_clips_it_has_targets_for_and_renormalises_mixup_partners():
+    """Row 3 has no teacher, rows 5 and 8 no labels: each term is a mean over the clips (or mixup pairs) with its
+    targets, a partner without one hands its share to the clip that has one; nothing is divided by a batch
+    that includes clips without targets."""
     torch.manual_seed(1)
     logits, labels = torch.randn(6, 5), (torch.rand(6, 5) > 0.7).float()
-    stored = SimpleNamespace(probabilities=torch.rand(10, 5), present=torch.ones(10))
-    labelled = torch.ones(10)
+    targets = torch.rand(10, 5)
+    present, labelled = torch.ones(10), torch.ones(10)
+    present[3] = 0.0
     labelled[[5, 8]] = 0.0
-    rows = torch.tensor([0, 3, 5, 7, 8, 9])  # positions 2 and 4 are unlabelled
+    rows = torch.tensor([0, 3, 5, 7, 8, 9])  # position 1 has no teacher, positions 2 and 4 no labels
+    stored = SimpleNamespace(probabilities=targets, present=present)
+    bce = F.binary_cross_entropy_with_logits
     kd_only = kd_loss(stored, labelled, 0.0)(logits, rows, labels, None)
-    assert torch.allclose(kd_only, kd_loss(stored, torch.ones(10), 0.0)(logits, rows, labels, None))
+    taught = [0, 2, 3, 4, 5]
+    torch.testing.assert_close(kd_only, bce(logits[taught], targets[rows[taught]]))
     label_only = kd_loss(stored, labelled, 1.0)(logits, rows, labels, None)
     kept = [0, 1, 3, 5]
-    torch.testing.assert_close(label_only, F.binary_cross_entropy_with_logits(logits[kept], labels[kept]))
-    mixup = Mixup(torch.full((6,), 0.6), torch.tensor([1, 0, 3, 2, 5, 4]))  # pairs (0,1) (2,3) (4,5)
-    mixed = kd_loss(stored, labelled, 1.0)(logits, rows, labels, mixup)
-    both = [0, 1]  # the only pair of two labelled clips
-    mixed_labels = 0.6 * labels + 0.4 * labels[mixup.perm]
-    torch.testing.assert_close(mixed, F.binary_cross_entropy_with_logits(logits[both], mixed_labels[both]))
-    nobody = kd_loss(stored, torch.zeros(10), 1.0)(logits, rows, labels, None)
+    torch.testing.assert_close(label_only, bce(logits[kept], labels[kept]))
+    for perm in ([1, 0, 3, 2, 5, 4], [2, 4, 0, 5, 1, 3]):
+        mixup = Mixup(torch.tensor([0.6, 0.75, 0.5, 0.9, 0.65, 0.8]), torch.tensor(perm))
+        mixed = kd_loss(stored, labelled, 0.3)(logits, rows, labels, mixup)
+        expected = (0.3 * _reference_term(logits, labels, labelled[rows], mixup.lam, perm)
+                    + 0.7 * _reference_term(logits, targets[rows], present[rows], mixup.lam, perm))
+        torch.testing.assert_close(mixed, expected)
+    # the pair (1, 0) of the first permutation: clip 1 has no teacher, so clip 0's KD term is its own target alone
+    alone = Mixup(torch.tensor([0.6, 0.6]), torch.tensor([1, 0]))
+    pair = kd_loss(stored, labelled, 0.0)(logits[:2], rows[:2], labels[:2], alone)
+    torch.testing.assert_close(pair, (bce(logits[0], targets[0]) + bce(logits[1], targets[0])) / 2)
+    nobody = kd_loss(stored, torch.zeros(10), 1.0)(logits, rows, labels, mixup)
     assert nobody.item() == 0.0  # a batch of unlabelled clips only: no label term, no division by zero
 
 
@@ -117,8 +131,8 @@ def test_student_trains_from_cached_teachers_and_width_changes_only_the_student(
     out = pipeline.ensure("train-student")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
-    model = load_checkpoint(create_model("mobilenetv3", width=0.2, num_classes=12), out / "best.pt")
-    assert model.width == 0.2
+    model = load_checkpoint(create_model("mobilenetv3", width=0.2, num_classes=12), out / "model.pt")
+    assert model.width == 0.2 and json.loads((out / "kept.json").read_text())["epoch"] == 2  # keep: last
     wider = make(small_demo, tmp_path)
     result = CliRunner().invoke(app, ["train-student", "--width", "0.3",
                                       *[f"--set={item}" for item in settings(small_demo, tmp_path)]])
@@ -190,7 +204,7 @@ def test_cmkd_in_both_directions(small_demo, tmp_path, teacher, student):
     record = pipeline.cache.record("train-student", pipeline.key("train-student"))
     assert record["summary"]["arch"] == student and record["summary"]["kd"] is True
     assert pipeline.stage("train-student").upstream == ("prepare", "extract-teachers")
-    load_checkpoint(create_model(student, num_classes=12), out / "best.pt")
+    load_checkpoint(create_model(student, num_classes=12), out / "model.pt")
 
 
 def test_shard_gives_each_rank_every_world_th_batch():
@@ -218,14 +232,14 @@ def test_two_gloo_ranks_train_like_one_process_with_their_combined_batch(small_d
     assert "extract-teachers: cached" in result.stderr
     ddp_out = Path(result.stdout.strip()).parent
     assert (ddp_out / "record.json").is_file() and ddp_out != single_out
-    assert sorted(path.name for path in ddp_out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl",
+    assert sorted(path.name for path in ddp_out.iterdir()) == ["kept.json", "last.pt", "metrics.jsonl", "model.pt",
                                                                "record.json", "student.json"]
     ddp_lines = [json.loads(line) for line in (ddp_out / "metrics.jsonl").read_text().splitlines()]
     single_lines = [json.loads(line) for line in (single_out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in ddp_lines] == [1, 2]
     for a, b in zip(ddp_lines, single_lines):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
-        assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-6)
+        assert a["validation"]["mAP"] == pytest.approx(b["validation"]["mAP"], abs=1e-6)
     trained = torch.load(ddp_out / "last.pt", weights_only=True)
     reference = torch.load(single_out / "last.pt", weights_only=True)
     assert trained.keys() == reference.keys()  # plain keys, no DDP `module.` prefix
@@ -264,11 +278,11 @@ def test_mutual_term_is_nonzero_and_changes_every_members_gradients():
     assert mutual_term(logits[:, :1]).item() == 0.0
 
 
-def test_multi_representation_students_train_together_and_keep_the_best(small_demo, tmp_path):
+def test_multi_representation_students_train_together_and_keep_the_best_on_validation(small_demo, tmp_path):
     pipeline = make(small_demo, tmp_path, "student.arch=mn_tiny", "student.representations=[mel,mfcc,stft]",
-                    "student.keep=all", "student.epochs=1")
+                    "student.keep_members=all", "student.epochs=1")
     out = pipeline.ensure("train-student")
-    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["validation"]
     assert set(line["members"]) == {"mel", "mfcc", "stft"}
     assert line["mAP"] == max(member["mAP"] for member in line["members"].values())
     description = json.loads((out / "student.json").read_text())

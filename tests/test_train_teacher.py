@@ -1,4 +1,4 @@
-"""The train-teacher stage: trains on the store, keeps the best epoch, caches per teacher."""
+"""The train-teacher stage: trains on the store, keeps the last epoch or the best on validation, caches per teacher."""
 
 import json
 from functools import partial
@@ -25,30 +25,37 @@ settings = partial(helpers.settings, RUN)
 make = partial(helpers.make, RUN)
 
 
-def test_best_checkpoint_reproduces_the_recorded_map(small_demo, tmp_path):
-    pipeline = make(small_demo, tmp_path)
+def test_keep_best_keeps_the_epoch_with_the_best_validation_map_and_it_reproduces(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path, "teacher_training.keep=best", "teacher_training.epochs=3")
     assert [n for n in pipeline.stages if n.startswith(("prepare", "train-teacher"))] == [
         "prepare", "train-teacher/passt_tiny", "train-teacher/ast"]
     out = pipeline.ensure("train-teacher/ast")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [1, 2]
-    best = max(lines, key=lambda line: line["mAP"])
+    assert [line["epoch"] for line in lines] == [1, 2, 3] and all(set(line) >= {"validation", "train_loss"}
+                                                                  for line in lines)
+    best = max(lines, key=lambda line: line["validation"]["mAP"])
+    kept = json.loads((out / "kept.json").read_text())
+    assert kept["keep"] == "best" and kept["epoch"] == best["epoch"] and "split 'val' (8 clips)" in kept["reason"]
     record = pipeline.cache.record("train-teacher/ast", pipeline.key("train-teacher/ast"))
-    assert record["summary"]["mAP"] == best["mAP"] and record["summary"]["arch"] == "ast_tiny"
-    # an independent path: load best.pt, run it by hand, score with scikit-learn
+    assert record["summary"]["epoch"] == best["epoch"] and record["summary"]["arch"] == "ast_tiny"
+    # an independent path: load model.pt, run it by hand over the validation clips, score with scikit-learn
     store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
-    model = load_checkpoint(create_model("ast_tiny", num_classes=len(store.classes)), out / "best.pt").eval()
+    model = load_checkpoint(create_model("ast_tiny", num_classes=len(store.classes)), out / "model.pt").eval()
     frontend = build_frontend(model.frontend_config, store.sample_rate).eval()
-    rows = store.rows("eval")
+    rows = store.rows("val")
     with torch.no_grad():
         scores = model(frontend(torch.from_numpy(store.read(rows)).float() / 32768)).numpy()
     targets = store.column("labels")[rows]
     keep = targets.any(axis=0)
-    assert average_precision_score(targets[:, keep], scores[:, keep]) == pytest.approx(best["mAP"], abs=1e-5)
+    assert average_precision_score(targets[:, keep], scores[:, keep]) == pytest.approx(best["validation"]["mAP"],
+                                                                                       abs=1e-5)
 
 
-def test_each_teacher_is_cached_on_its_own(small_demo, tmp_path):
-    make(small_demo, tmp_path).ensure("train-teacher/passt_tiny")
+def test_each_teacher_is_cached_on_its_own_and_keeps_its_last_epoch_by_default(small_demo, tmp_path):
+    out = make(small_demo, tmp_path).ensure("train-teacher/passt_tiny")
+    kept = json.loads((out / "kept.json").read_text())
+    assert kept["keep"] == "last" and kept["epoch"] == 2 and "the last epoch, 2 of 2" in kept["reason"]
+    assert (out / "model.pt").samefile(out / "last.pt")  # one file on disk
     changed = make(small_demo, tmp_path, "teachers.0.options.depth=1")
     assert changed.status("prepare").state == "fresh"
     assert changed.status("train-teacher/passt_tiny").reasons == ("teacher.options.depth: <unset> -> 1",)

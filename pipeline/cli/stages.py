@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from kdpipe import config as config_module
-from kdpipe import console, stage_names
+from kdpipe import console, stage_names, training
 from kdpipe.cli.common import (ConfigOption, ForceOption, NoWaitOption, SetOption, app, make_pipeline, resolve_config,
                                user_errors)
 from kdpipe.errors import KdpipeError
@@ -40,7 +40,7 @@ def train_teacher(
     force: ForceOption = False,
     no_wait: NoWaitOption = False,
 ) -> None:
-    """Train or fine-tune teachers on the prepared store with labels only; keeps the best epoch."""
+    """Train or fine-tune teachers on the prepared store with labels only; keeps the last epoch, or the best on validation (teacher_training.keep)."""
     resolved = resolve_config(config, set_)
     pipeline = make_pipeline(resolved)
     trainable = [t.label for t in resolved.teachers if t.trainable]
@@ -50,7 +50,7 @@ def train_teacher(
                           f"{', '.join(trainable) or 'none'}")
     for name in teacher or trainable:
         out = pipeline.ensure(stage_names.train_teacher(name), force=force, wait=not no_wait)
-        console.out.print(str(out / "best.pt"))
+        console.out.print(str(out / training.MODEL))
 
 
 @app.command("extract-teachers")
@@ -93,7 +93,7 @@ def train_student(
     name = stage_names.student(resolved.student.kd.enabled and not baseline)
     if not distributed.under_torchrun():
         out = _student_pipeline(make_pipeline(resolved), name).ensure(name, force=force, wait=not no_wait)
-        console.out.print(str(out / "best.pt"))
+        console.out.print(str(out / training.MODEL))
         return
     ranks = distributed.init(resolved.device)
     try:
@@ -102,7 +102,7 @@ def train_student(
     finally:
         distributed.shutdown()
     if out is not None:
-        console.out.print(str(out / "best.pt"))
+        console.out.print(str(out / training.MODEL))
 
 
 def _student_pipeline(pipeline: Pipeline, name: str) -> Pipeline:
