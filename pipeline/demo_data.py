@@ -293,6 +293,11 @@ def write_demo_dataset(
                        unlabelled=unlabelled if n_unlabelled else None)
 
 
+DEMO_SPLITS = {"n_train": 240, "n_eval": 80, "n_val": 80}
+"""The demo's clips per split: `val` chooses checkpoints (teacher_training.keep / student.keep: best), `eval` scores."""
+DEMO_CLIPS = sum(DEMO_SPLITS.values())
+
+
 def demo_config(out: Path, overrides: list[str], missing_labels: float, unlabelled: int = 0) -> tuple[Config, int]:
     """configs/demo.yaml with its data and cache under `out` (and, with `unlabelled` clips, a second source of
     unlabelled audio), and the number of clips generated for it (0 when the data is already there)."""
@@ -306,9 +311,9 @@ def demo_config(out: Path, overrides: list[str], missing_labels: float, unlabell
                              check_files=False)
     written = 0
     have = len(_manifest_rows(data / "unlabelled.csv"))
-    if not (data / "manifest.csv").is_file() or have != unlabelled:
+    if len(_manifest_rows(data / "manifest.csv")) != DEMO_CLIPS or have != unlabelled:
         dataset = write_demo_dataset(data, clip_seconds=config.data.clip_seconds, seed=config.seed,
-                                     missing_labels=missing_labels, n_unlabelled=unlabelled)
+                                     missing_labels=missing_labels, n_unlabelled=unlabelled, **DEMO_SPLITS)
         written = dataset.n_clips + unlabelled
     check_input_files(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,13 +21,15 @@ FAST = ("--set", "teacher_training.epochs=1", "--set", "student.epochs=1")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "kdpipe-demo"
     output = invoke("demo", "--out", str(out), *FAST)
-    assert "prepare: 320 clips decoded, none skipped" in output
+    assert "prepare: 400 clips decoded, none skipped" in output  # train 240, eval 80, val 80
     for teacher in ("passt_tiny", "ast_tiny", "mn10"):
         assert f"train-teacher/{teacher}: done" in output
     assert "extract-teachers: done" in output and re.search(r"ensemble\s+mAP 0\.\d{4}", output)
     assert re.search(r"model\s+┃ eval mAP\s+┃ parameters\s+┃ MACs \(2 s clip\)\s+┃ clips/s", output)
     for row in ("teacher passt_tiny", "teacher ast_tiny", "teacher mn10", "teacher ensemble", "student, with KD", "student, no KD"):
         assert re.search(rf"{row}\s+│ 0\.\d{{4}}\s+│ [\d.]+ [kM]\s+│ [\d.]+ [MG]\s+│ [\d.]+", output), row
+    assert "teacher mn10: the last epoch" in output and "student, no KD: the last epoch" in output
+    assert "Every checkpoint above was chosen without the eval split it is scored on." in output
     assert output.count("report:") == 1
     report = Path(re.search(r"report: (\S+report\.md)", output).group(1))
     assert report.is_file() and (report.parent / "metrics.json").is_file()

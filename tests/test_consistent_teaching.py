@@ -11,13 +11,14 @@ import zarr
 
 from kdpipe import training
 from kdpipe.config import load_config
-from kdpipe.distill import Targets, ViewTargets
+from kdpipe.distill import Targets, ViewTargets, confident_classes
 from kdpipe.errors import ConfigError
 from kdpipe.extraction import Teacher, TeacherSpec
 from kdpipe.frontends import int16_to_float
 from kdpipe.logits_store import CombinedLogits, TeacherLogits
 from kdpipe.models import create_model
 from kdpipe.runner import Pipeline
+from kdpipe.splits import training_splits
 from kdpipe.stages import build_stages
 from kdpipe.topk import ABSENT_LOGIT
 from kdpipe.waveform_store import WaveformStore
@@ -142,7 +143,7 @@ def test_extraction_with_views_resumes_after_kill_9_bit_identical(run, tmp_path)
 
 def test_unlabelled_audio_teaches_the_kd_student_only(small_demo, tmp_path):
     """A source marked `labels: none` is prepared and run through the teachers; the KD student trains on it
-    (drawn by the teachers' probabilities), the baseline and the teachers' training leave it out."""
+    (drawn for the classes the teachers confidently hear), the baseline and the teachers' training leave it out."""
     extra = tmp_path / "more.csv"  # the demo's train clips again, under new ids, their labels to be ignored
     header, *lines = small_demo.manifest.read_text().splitlines()
     extra.write_text("\n".join([header, *(f"more_{clip_id},{small_demo.root / path},{rest}" for clip_id, path, rest in
@@ -152,19 +153,20 @@ def test_unlabelled_audio_teaches_the_kd_student_only(small_demo, tmp_path):
     store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
     unlabelled = np.array([str(clip_id).startswith("more_") for clip_id in store.column("clip_id")])
     assert unlabelled.sum() == 16 and not store.labelled()[unlabelled].any() and store.labelled()[~unlabelled].all()
-    with_kd, _ = training.train_and_eval_rows(store, "eval", "train-student", unlabelled=True)
-    labels_only, _ = training.train_and_eval_rows(store, "eval", "train-teacher/mn_tiny")
+    with_kd = training_splits(store, 0.0, "train-student", unlabelled=True).train
+    labels_only = training_splits(store, 0.0, "train-teacher/mn_tiny").train
     assert unlabelled[with_kd].sum() == 16 and not unlabelled[labels_only].any()
     combined = CombinedLogits.in_folder(pipeline.ensure("extract-teachers"))
     assert np.isfinite(combined.read()[unlabelled]).all()  # the teachers ran on the unlabelled clips
-    probabilities = np.zeros((store.n_clips, 12))
-    probabilities[unlabelled, 3] = 1.0  # the teacher hears class 3 in every unlabelled clip
-    plan = training.epoch_plan(store, with_kd, pipeline.config.student, 0, probabilities)
-    assert unlabelled[np.concatenate([np.concatenate(plan(epoch)) for epoch in range(10)])].any()
-    nothing_heard = training.epoch_plan(store, with_kd, pipeline.config.student, 0, np.zeros((store.n_clips, 12)))
-    assert not unlabelled[np.concatenate([np.concatenate(nothing_heard(epoch)) for epoch in range(10)])].any()
+    rows = with_kd[unlabelled[with_kd]]
+    for threshold, heard_anything in ((1e-6, True), (1 - 1e-6, False)):  # (the teacher is untrained: ~0.5 each)
+        heard = confident_classes(combined, threshold)
+        assert heard(rows).all() if heard_anything else not heard(rows).any()
+        plan = training.epoch_plan(store, with_kd, pipeline.config.student, 0, heard)
+        drawn = np.concatenate([np.concatenate(plan(epoch)) for epoch in range(10)])
+        assert unlabelled[drawn].any() == heard_anything  # a clip the teachers hear nothing in is never drawn
     out = pipeline.ensure("train-student")
-    assert (out / "best.pt").is_file()
+    assert (out / "model.pt").is_file()
     targets = Targets(combined, store.n_clips, 1.0, torch.device("cpu"))
     assert targets.present[torch.from_numpy(unlabelled)].all()  # each unlabelled clip has a KD target
 

@@ -43,10 +43,10 @@ def flip_bytes(path: Path, offset: int = 200, count: int = 64) -> None:
 def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_demo, tmp_path):
     pipeline = make(small_demo, tmp_path)
     store_path = pipeline.ensure("prepare") / "waveforms.zarr"
-    original = WaveformStore.open(store_path).read(np.arange(24))
+    original = WaveformStore.open(store_path).read(np.arange(small_demo.n_clips))
     shard_files = sorted((store_path / "waveform" / "c").rglob("*"))
     shard_files = [p for p in shard_files if p.is_file()]
-    assert len(shard_files) == 6  # 24 clips, 4 per shard
+    assert len(shard_files) == 8  # 32 clips, 4 per shard
 
     shard_files[1].unlink()  # rows 4-7
     with pytest.raises(DamagedStore, match=r"waveform rows 4-7 are missing.*kdpipe verify"):
@@ -62,7 +62,7 @@ def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_de
     assert pipeline.status("prepare").state != "fresh"
     rebuilt = make(small_demo, tmp_path)
     rebuilt.ensure("prepare")
-    np.testing.assert_array_equal(WaveformStore.open(store_path).read(np.arange(24)), original)
+    np.testing.assert_array_equal(WaveformStore.open(store_path).read(np.arange(small_demo.n_clips)), original)
     touched = {p for p, mtime in before.items() if p.stat().st_mtime_ns != mtime}
     assert touched == {shard_files[3]}  # the intact shards were not rewritten (and the missing one came back)
     assert shard_files[1].is_file() and find_damage(store_path) == []

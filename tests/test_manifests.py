@@ -100,6 +100,17 @@ def test_a_byte_order_mark_and_empty_labels_are_read(tmp_path):
     manifest.write_bytes("\ufeffclip_id,path,labels,split\na,a.wav,,train\nb,b.wav,x,eval\n".encode("utf-8"))
     clips = read_csv_manifest(manifest)
     assert [(c.clip_id, c.labels) for c in clips] == [("a", ()), ("b", ("x",))]
+    assert all(c.labelled for c in clips)  # an empty labels field is a negative for every class, not unlabelled
+
+
+def test_only_a_source_marked_labels_none_is_unlabelled(tmp_path):
+    labelled, unlabelled = tmp_path / "m.csv", tmp_path / "u.csv"
+    labelled.write_text("clip_id,path,labels,split\na,a.wav,,train\nb,b.wav,x,train\n")
+    unlabelled.write_text("clip_id,path,labels,split\nc,c.wav,x,train\n")
+    _, clips = load_clips(DataConfig(sources=[SourceConfig(path=labelled), SourceConfig(path=unlabelled,
+                                                                                          labels="none")]))
+    assert [(c.clip_id, c.labels, c.labelled) for c in clips] == [("a", (), True), ("b", ("x",), True),
+                                                                   ("c", (), False)]
 
 
 def test_duplicate_clip_ids_across_sources(tmp_path):

@@ -117,7 +117,7 @@ def test_stored_waveforms_equal_an_independent_decode(small_demo, tmp_path):
             assert np.corrcoef(low_pass(stored / 32768, cutoff), low_pass(expected, cutoff))[0, 1] > 0.999
             resampled += 1
     assert exact >= 10 and resampled >= 3
-    assert set(store.column("split")) == {"train", "eval"}
+    assert set(store.column("split")) == {"train", "eval", "val"}
 
 
 def low_pass(audio: np.ndarray, cutoff: float) -> np.ndarray:

@@ -193,6 +193,10 @@ def demo(
         pipeline.ensure(name, force=force)
     evaluated = pipeline.built(stage_names.EVALUATE)
     console.out.print(evaluation_table(evaluated / "metrics.json", ("mAP",)))
+    for model in json.loads((evaluated / "metrics.json").read_text())["models"]:
+        if "kept" in model:
+            console.out.print(f"  {model['label']}: {model['kept']}")
+    console.out.print(f"Every checkpoint above was chosen without the {config.evaluation.split} split it is scored on.")
     console.out.print(f"report: {evaluated / 'report.md'}")
     console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
     console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")
