@@ -15,7 +15,7 @@ from helpers import STUDENT_RUN, settings
 
 # A teacher trained here and both students, each keeping its best epoch on the validation split: the choices that
 # selecting on the evaluation split would move.
-RUN = (*STUDENT_RUN, "teacher_training.epochs=3", "teacher_training.keep=best", "student.epochs=3",
+RUN = (*STUDENT_RUN, "teacher_training.epochs=2", "teacher_training.keep=best", "student.epochs=2",
        "student.keep=best", "evaluation.baseline=true", "evaluation.batch_size=8")
 TRAINED = ("train-teacher/mn_tiny", "train-student", "train-student/no-kd")
 
