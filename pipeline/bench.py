@@ -45,7 +45,8 @@ def random_store(path: Path, clips: int, seconds: float, sample_rate: int, class
     samples = round(seconds * sample_rate)
     names = tuple(f"class {i}" for i in range(classes))
     store = WaveformStore.create(path, clip_ids=[f"bench_{i}" for i in range(clips)], splits=["train"] * clips,
-                                 labels=np.zeros((clips, classes), np.uint8), labelled=np.ones(clips, bool), classes=ClassList(names, names),
+                                 labels=np.zeros((clips, classes), np.uint8), labelled=np.ones(clips, bool),
+                                 classes=ClassList(names, names),
                                  sample_rate=sample_rate, clip_samples=samples, shard_clips=64)
     for shard in range(store.n_shards):
         rows = store.shard_rows(shard)

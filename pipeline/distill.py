@@ -106,7 +106,8 @@ class ViewTargets(Targets):
                                               self.sample_rate, self.clip_samples))
 
 
-def mixed_term(own: torch.Tensor, partner: torch.Tensor, has: torch.Tensor, mixup: Mixup | None) -> torch.Tensor:
+def mixed_term(own: torch.Tensor, partner: torch.Tensor | None, has: torch.Tensor, mixup: Mixup | None
+               ) -> torch.Tensor:
     """The mean over clips of per-clip BCEs against the clip's own target (`own`) and, under mixup, its
     partner's (`partner`), renormalised over those that have a target (`has`, by clip): the module docstring."""
     if mixup is None:

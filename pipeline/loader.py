@@ -113,8 +113,8 @@ def weighted_batches(rows: np.ndarray, weights: np.ndarray, n_samples: int, batc
     common classes (w ~ 0.001 for AudioSet's Speech), and ties would then be broken by row order.
     One vectorised pass, however large the dataset.
     """
-    n_samples = min(n_samples, int(np.count_nonzero(weights > 0)))
     positive = weights > 0
+    n_samples = min(n_samples, int(np.count_nonzero(positive)))
     keys = np.full(len(rows), -np.inf)
     keys[positive] = np.log(rng.random(len(rows))[positive]) / weights[positive]
     chosen = rows[np.argsort(-keys, kind="stable")[:n_samples]]

@@ -79,7 +79,8 @@ def _header(evaluation: Evaluation) -> str:
     return (f"# kdpipe evaluation report\n\nComputed on the **{evaluation.split}** split of the run's prepared "
             f"data ({sources}): {evaluation.clips} clips of {evaluation.clip_seconds:g} s, "
             f"{len(evaluation.classes)} classes. Teachers and the ensemble are scored from their stored logits, "
-            f"students from their kept weights run over the same clips. MACs are per {evaluation.clip_seconds:g} s clip; "
+            f"students from their kept weights run over the same clips. MACs are per "
+            f"{evaluation.clip_seconds:g} s clip; "
             f"clips/s is a batched forward pass, frontend included, on {evaluation.device}.\n\n"
             "All numbers: [metrics.json](metrics.json); AP of every class and model: "
             "[per_class_ap.csv](per_class_ap.csv).")

@@ -40,7 +40,8 @@ def train_teacher(
     force: ForceOption = False,
     no_wait: NoWaitOption = False,
 ) -> None:
-    """Train or fine-tune teachers on the prepared store with labels only; keeps the last epoch, or the best on validation (teacher_training.keep)."""
+    """Train or fine-tune teachers on the prepared store with labels only; keeps the last epoch, or the best
+    on validation (teacher_training.keep)."""
     resolved = resolve_config(config, set_)
     pipeline = make_pipeline(resolved)
     trainable = [t.label for t in resolved.teachers if t.trainable]
@@ -196,7 +197,8 @@ def demo(
     for model in json.loads((evaluated / "metrics.json").read_text())["models"]:
         if "kept" in model:
             console.out.print(f"  {model['label']}: {model['kept']}")
-    console.out.print(f"Every checkpoint above was chosen without the {config.evaluation.split} split it is scored on.")
+    console.out.print(f"Every checkpoint above was chosen without the {config.evaluation.split} split it is "
+                      "scored on.")
     console.out.print(f"report: {evaluated / 'report.md'}")
     console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
     console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")
