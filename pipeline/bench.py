@@ -86,7 +86,7 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
         store_path = random_store(root / "waves.zarr", clips, seconds, sample_rate, AUDIOSET_CLASSES)
         checkpoint = root / "teacher.pt"
         torch.save(model.state_dict(), checkpoint)
-        spec = TeacherSpec(arch, arch, checkpoint, precision=precision, compile=compile, views=views)
+        spec = TeacherSpec(arch, arch, (checkpoint,), precision=precision, compile=compile, views=views)
         teacher = Teacher(spec, sample_rate, device, batch_size)
         store = WaveformStore.open(store_path)
         warm = torch.from_numpy(store.read(np.arange(min(batch_size, clips))))

@@ -183,6 +183,9 @@ class TeacherTrainingConfig(TrainingConfig):
     warmup_epochs: int = Field(2, ge=0)
     rampdown_start: int = Field(5, ge=0)
     rampdown_epochs: int = Field(20, ge=1)
+    folds: int = Field(1, ge=1, le=10, description="cross-fitting: train this many models per teacher, each "
+                       "without one fold of the train clips, and label each train clip with the model that never "
+                       "saw it (others: their mean); 1 = one model that labels the clips it learnt from")
 
 
 class AugmentConfig(_Section):

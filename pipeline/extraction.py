@@ -30,8 +30,8 @@ from kdpipe.errors import KdpipeError
 from kdpipe.frontends import build_frontend, int16_to_float
 from kdpipe.loader import batch_loader, sequential_batches
 from kdpipe.logits_store import TeacherLogits
-from kdpipe.models import create_model
 from kdpipe.models.windowing import clip_forward
+from kdpipe.teachers import CrossFitted, load_teacher, per_row
 from kdpipe.views import CLEAN, ViewAugment, apply_views, view_params
 from kdpipe.waveform_store import WaveformStore
 
@@ -45,7 +45,7 @@ class TeacherSpec:
 
     name: str
     arch: str
-    checkpoint: Path
+    checkpoints: tuple[Path, ...]  # one, or one per fold of a cross-fitted teacher (kdpipe.teachers)
     options: dict[str, Any] = field(default_factory=dict)
     frontend: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # resolved on the device that runs it (kdpipe.devices)
@@ -53,6 +53,7 @@ class TeacherSpec:
     views: int = 0  # augmented views per clip besides the clean clip
     view_seed: int = 0
     augment: ViewAugment = field(default_factory=ViewAugment)
+    unseen: Path | None = None  # a cross-fitted teacher's unseen_fold.npy: which model labels each row
 
 
 class Teacher:
@@ -63,7 +64,7 @@ class Teacher:
         self.device = device
         self.precision = resolve_precision(spec.precision, device)  # what runs: 'bf16' or 'fp32'
         self.bf16 = self.precision == "bf16"
-        model = create_model(spec.arch, checkpoint=spec.checkpoint, **spec.options).eval().to(device)
+        model = load_teacher(spec.arch, spec.checkpoints, spec.options).eval().to(device)
         # NHWC suits the depthwise convolutions of CNN teachers on GPUs and CPUs alike (2x for mn10 on a CPU).
         self.model: nn.Module = model.to(memory_format=torch.channels_last)
         # Freezing (weights as constants: batch norm folded, oneDNN-packed weights) is inference-only, as
@@ -74,45 +75,53 @@ class Teacher:
         self.frontend.eval().to(device)
         self.sample_rate = store_sample_rate
         self.batch_size = batch_size
+        self.unseen = None if spec.unseen is None else torch.from_numpy(
+            np.load(spec.unseen, allow_pickle=False).astype(np.int64))
 
     @torch.inference_mode()
     def logits(self, waves: torch.Tensor, view: int = CLEAN, rows: np.ndarray | None = None) -> torch.Tensor:
-        """float32 logits of an int16 batch, or of view `view` of its clips (`rows`: their store rows)."""
+        """float32 logits of an int16 batch, or of view `view` of its clips (`rows`: their store rows; a
+        cross-fitted teacher needs them for clean clips too, else it gives its models' mean)."""
         floats = int16_to_float(waves.to(self.device, non_blocking=True))
         if view != CLEAN:
             assert rows is not None, "a view is a function of the clip's store row"
             floats = apply_views(floats, view_params(rows, view, self.spec.view_seed, self.spec.augment,
                                                      self.sample_rate, floats.shape[1]))
-        return self._batched(floats)
+        unseen = None if self.unseen is None or rows is None else self.unseen[torch.from_numpy(np.asarray(rows))]
+        return self._batched(floats, unseen)
 
     def outputs(self, waves: torch.Tensor, rows: np.ndarray) -> Block:
         """A batch's clean logits and, with views, every view's: views are batched like clips."""
-        clean = self.logits(waves).cpu().numpy()
+        clean = self.logits(waves, CLEAN, rows).cpu().numpy()
         if not self.spec.views:
             return clean, None
         return clean, np.stack([self.logits(waves, view, rows).cpu().numpy() for view in range(self.spec.views)],
                                axis=1)
 
-    def _batched(self, floats: torch.Tensor) -> torch.Tensor:
+    def _batched(self, floats: torch.Tensor, unseen: torch.Tensor | None) -> torch.Tensor:
         """Logits batch by batch; halves the batch on out-of-memory and remembers it."""
         if len(floats) > self.batch_size:
-            return torch.cat([self._batched(part) for part in floats.split(self.batch_size)])
+            parts = unseen.split(self.batch_size) if unseen is not None else [None] * -(-len(floats) // self.batch_size)
+            return torch.cat([self._batched(part, fold) for part, fold in zip(floats.split(self.batch_size), parts)])
         try:
-            return self._forward(floats)
+            return self._forward(floats, unseen)
         except torch.OutOfMemoryError:
             if self.batch_size == 1:
                 raise
             self.batch_size = max(1, self.batch_size // 2)
             torch.cuda.empty_cache()
             console.info(f"{self.spec.name}: out of device memory, batch size now {self.batch_size}")
-            return self._batched(floats)
+            return self._batched(floats, unseen)
 
-    def _forward(self, floats: torch.Tensor) -> torch.Tensor:
+    def _forward(self, floats: torch.Tensor, unseen: torch.Tensor | None) -> torch.Tensor:
         features = self.frontend(floats)
         features = features.contiguous(memory_format=torch.channels_last)
+        max_frames = getattr(self.model, "max_frames", None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            output = clip_forward(self.forward, features, getattr(self.model, "max_frames", None))
-        return output.float()
+            if unseen is None or not isinstance(self.model, CrossFitted):
+                return clip_forward(self.forward, features, max_frames).float()
+            members = torch.stack([clip_forward(m, features, max_frames).float() for m in self.model.members])
+        return per_row(members, unseen.to(members.device))
 
 
 def chunk_batches(logits: TeacherLogits, chunk: int, valid: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -45,6 +45,13 @@ def held_out(clip_ids: np.ndarray, fraction: float) -> np.ndarray:
                         < limit for clip_id in clip_ids), dtype=bool, count=len(clip_ids))
 
 
+def folds_of(clip_ids: np.ndarray, folds: int) -> np.ndarray:
+    """(N,) int: each clip's cross-fitting fold in [0, folds), by a blake2b hash of its id (salted apart from
+    `held_out`'s, so folds and the validation hold-out are independent)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(clip_id).encode(), digest_size=8, salt=b"fold").digest(),
+                                       "little") % folds for clip_id in clip_ids), dtype=np.int64, count=len(clip_ids))
+
+
 def training_splits(store: WaveformStore, validation_fraction: float, stage: str, unlabelled: bool = False
                     ) -> TrainingSplits:
     """The train and validation rows of a trained stage (module docstring).

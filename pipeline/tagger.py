@@ -23,7 +23,7 @@ from kdpipe.models.windowing import clip_forward
 from kdpipe.runner import Pipeline
 from kdpipe.stage_names import PREPARE, student, train_teacher
 from kdpipe.students import trained_student
-from kdpipe.teachers import checkpoint_path
+from kdpipe.teachers import checkpoint_paths, load_teacher
 from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 STUDENT = "student"
@@ -116,7 +116,7 @@ def _teacher(pipeline: Pipeline, name: str, build: bool) -> nn.Module:
     upstream = {}
     if teacher.trainable:
         upstream[train_teacher(name)] = pipeline.output(train_teacher(name), build)
-    return create_model(teacher.arch, checkpoint=checkpoint_path(teacher, upstream), **teacher.options)
+    return load_teacher(teacher.arch, checkpoint_paths(teacher, upstream), teacher.options)
 
 
 def _checkpoint_file(path: Path, arch: str | None, teachers: list[str]) -> nn.Module:

@@ -39,11 +39,11 @@ def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, t
         result = evaluate.score(f"teacher_{teacher.label}", f"teacher {teacher.label}", "teacher",
                                 teacher.arch or "imported logits", targets, combined.read(teacher.label, rows))
         if teacher.logits is None:  # a model to measure (imported logits come without one)
-            checkpoint = Path(combined.attributes(teacher.label)["checkpoint"])
+            checkpoints = tuple(Path(path) for path in combined.attributes(teacher.label)["checkpoints"])
             if teacher.trainable:  # trained by train-teacher: its record of the kept epoch is beside it
-                result.kept = training.read_kept(checkpoint.parent)["reason"]
-            loaded = Teacher(TeacherSpec(teacher.label, teacher.arch, checkpoint,
-                                         dict(teacher.options), dict(teacher.frontend), config.extract.precision),
+                result.kept = kept_teacher(checkpoints)
+            loaded = Teacher(TeacherSpec(teacher.label, teacher.arch, checkpoints, dict(teacher.options),
+                                         dict(teacher.frontend), config.extract.precision),
                              store.sample_rate, device, config.evaluation.batch_size)
             result.footprint = evaluate.measure_footprint(loaded.model, loaded.logits, config.data.clip_seconds,
                                                           store.clip_samples, config.evaluation.batch_size, device)
@@ -55,6 +55,14 @@ def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, t
     if all(footprints):
         ensemble.footprint = evaluate.combined_footprint(footprints)
     return [*results, ensemble]
+
+
+def kept_teacher(checkpoints: tuple[Path, ...]) -> str:
+    """Which epoch a trained teacher is, and why (for each of its models when cross-fitted)."""
+    reasons = [training.read_kept(path.parent)["reason"] for path in checkpoints]
+    if len(reasons) == 1:
+        return reasons[0]
+    return f"{len(reasons)} cross-fitted models, " + "; ".join(f"fold {f}: {r}" for f, r in enumerate(reasons))
 
 
 def student_results(model_id: str, label: str, config: Config, folder: Path, store_path: Path, rows: np.ndarray,
@@ -117,7 +125,7 @@ def stages(config: Config) -> list[Stage]:
         params=("evaluation.split",),
         outputs=("metrics.json", "per_class_ap.csv", "report.md"),
         run=run,
-        code=(run, teacher_results, student_results, evaluate, report, metrics, training.predict,
+        code=(run, teacher_results, kept_teacher, student_results, evaluate, report, metrics, training.predict,
               bench.inference_clips_per_second),
         upstream=(stage_names.PREPARE, *((stage_names.ENSEMBLE,) if config.teachers else ()), *scored),
     )]

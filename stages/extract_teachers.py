@@ -31,7 +31,7 @@ from kdpipe.logits_store import COMBINED_FILE, TEACHER_FILE, CombinedLogits, Tea
 from kdpipe.metrics import tagging_metrics
 from kdpipe.models import create_model
 from kdpipe.stage import Stage, StageContext
-from kdpipe.teachers import checkpoint_path
+from kdpipe.teachers import checkpoint_paths, unseen_folds
 from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 
@@ -75,10 +75,12 @@ def run_teacher(teacher: TeacherConfig):
         settings = config.extract
         store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
         store = WaveformStore.open(store_path)
-        checkpoint = checkpoint_path(teacher, ctx.upstream)
-        spec = TeacherSpec(teacher.label, teacher.arch, checkpoint, dict(teacher.options), dict(teacher.frontend),
-                           settings.precision, settings.compile, settings.views, settings.view_seed,
-                           settings.augment.settings())
+        checkpoints = checkpoint_paths(teacher, ctx.upstream)
+        spec = TeacherSpec(name=teacher.label, arch=teacher.arch, checkpoints=checkpoints,
+                           options=dict(teacher.options), frontend=dict(teacher.frontend),
+                           precision=settings.precision, compile=settings.compile, views=settings.views,
+                           view_seed=settings.view_seed, augment=settings.augment.settings(),
+                           unseen=unseen_folds(teacher, ctx.upstream))
         device = resolve_device(config.device)
         loaded = Teacher(spec, store.sample_rate, device, settings.batch_size)
         n_out = _output_classes(loaded, store)
@@ -102,8 +104,9 @@ def run_teacher(teacher: TeacherConfig):
         computed = extraction.valid_clips(logits, todo, store.column("status") == "ok")
         metrics = eval_metrics(logits.read(), store, config.evaluation.split)
         attributes = {
-            "teacher": teacher.label, "arch": teacher.arch, "checkpoint": str(checkpoint),
-            "checkpoint_sha256": sha256_file(checkpoint), "frontend": {**loaded_frontend(spec)},
+            "teacher": teacher.label, "arch": teacher.arch, "checkpoints": [str(path) for path in checkpoints],
+            "checkpoints_sha256": [sha256_file(path) for path in checkpoints], "frontend": {**loaded_frontend(spec)},
+            "cross_fitted": spec.unseen is not None,
             "device": ", ".join(sorted({d for d, _ in ran})), "precision": ", ".join(sorted({p for _, p in ran})),
             "engine": settings.engine,
             "wall_seconds": round(seconds, 3),

@@ -60,7 +60,7 @@ def test_a_view_on_the_training_path_is_what_the_teachers_heard(run):
     rows = np.array([2, 5, 11, 17])
     waves = torch.from_numpy(store.read(rows))
     config = pipeline.config
-    spec = TeacherSpec("passt_tiny", "passt_tiny", config.teachers[1].checkpoint, views=VIEWS, view_seed=7,
+    spec = TeacherSpec("passt_tiny", "passt_tiny", (config.teachers[1].checkpoint,), views=VIEWS, view_seed=7,
                        augment=config.extract.augment.settings())
     teacher = Teacher(spec, store.sample_rate, torch.device("cpu"), batch_size=5)
     heard = []

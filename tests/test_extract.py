@@ -63,7 +63,7 @@ def test_store_layout_and_values(built, small_demo):
     expected = (1.0 * passt[:].astype(np.float32) + 3.0 * ast[:].astype(np.float32)) / 4.0
     np.testing.assert_allclose(store["ensemble/logits"][:], expected, atol=2e-3, rtol=2e-3)
     attrs = dict(passt.attrs)
-    assert attrs["arch"] == "passt_tiny" and len(attrs["checkpoint_sha256"]) == 64
+    assert attrs["arch"] == "passt_tiny" and len(attrs["checkpoints_sha256"][0]) == 64
     assert {"mAP", "mAUC", "wall_seconds", "clips_per_second", "frontend"} <= set(attrs)
     assert attrs["frontend"]["kind"] == "mel"
     assert attrs["precision"] == "fp32" and attrs["device"] == "cpu"  # precision auto on a CPU

@@ -1,10 +1,13 @@
 """The train-teacher stage: trains on the store, keeps the last epoch or the best on validation, caches per teacher."""
 
+import hashlib
 import json
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from sklearn.metrics import average_precision_score
 from typer.testing import CliRunner
 
@@ -14,6 +17,7 @@ from kdpipe.frontends import build_frontend
 from kdpipe.models import create_model, load_checkpoint
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages import build_stages
+from kdpipe.stages.evaluate import kept_teacher
 
 import helpers
 
@@ -72,3 +76,35 @@ def test_cli_rejects_an_unknown_teacher(small_demo, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "no trainable teacher named passt" in result.output
     assert "passt_tiny, ast" in result.output
+
+
+def test_cross_fitted_teacher_labels_each_train_clip_with_the_model_that_never_saw_it(small_demo, tmp_path):
+    pipeline = make(small_demo, tmp_path, "teacher_training.folds=2", "teacher_training.epochs=1",
+                    "teachers.1.weight=0")
+    out = pipeline.ensure("train-teacher/passt_tiny")
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    unseen = np.load(out / "unseen_fold.npy")
+    train = store.rows("train")
+    # the folds, recomputed independently: blake2b of the clip id salted "fold", modulo 2
+    expected = np.full(store.n_clips, -1)
+    for row in train:
+        digest = hashlib.blake2b(store.column("clip_id")[row].encode(), digest_size=8, salt=b"fold").digest()
+        expected[row] = int.from_bytes(digest, "little") % 2
+    assert (unseen == expected).all() and set(unseen[train]) == {0, 1}
+    summary = pipeline.cache.record("train-teacher/passt_tiny", pipeline.key("train-teacher/passt_tiny"))["summary"]
+    assert summary["clips_per_fold"] == np.bincount(unseen[train]).tolist()
+    models = [load_checkpoint(create_model("passt_tiny", num_classes=len(store.classes)),
+                              out / f"fold{f}" / "model.pt").eval() for f in (0, 1)]
+    assert not torch.equal(models[0].head[-1].weight, models[1].head[-1].weight)
+    logits = zarr.open_group(pipeline.ensure("extract/passt_tiny") / "logits.zarr", mode="r")["logits"][:]
+    frontend = build_frontend(models[0].frontend_config, store.sample_rate).eval()
+    rows = np.flatnonzero(store.column("status") == "ok")
+    with torch.no_grad():
+        features = frontend(torch.from_numpy(store.read(rows)).float() / 32768)
+        outputs = torch.stack([model(features) for model in models]).numpy()
+    by_hand = np.where((unseen[rows] >= 0)[:, None], outputs[unseen[rows].clip(0), np.arange(len(rows))],
+                       outputs.mean(axis=0))
+    np.testing.assert_allclose(logits[rows].astype(np.float32), by_hand, atol=2e-3)
+    assert (unseen[store.rows("eval")] == -1).all()  # eval clips: the mean of both models
+    assert kept_teacher((out / "fold0" / "model.pt", out / "fold1" / "model.pt")).startswith(
+        "2 cross-fitted models, fold 0: the last epoch, 1 of 1")

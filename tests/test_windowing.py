@@ -18,7 +18,7 @@ def ast_teacher(tmp_path) -> tuple[torch.nn.Module, Teacher]:
     model = create_model("ast_tiny", num_classes=6).eval()
     checkpoint = tmp_path / "ast_tiny.pt"
     torch.save(model.state_dict(), checkpoint)
-    spec = TeacherSpec("ast_tiny", "ast_tiny", checkpoint, {"num_classes": 6}, precision="fp32")
+    spec = TeacherSpec("ast_tiny", "ast_tiny", (checkpoint,), {"num_classes": 6}, precision="fp32")
     return model, Teacher(spec, STORE_RATE, torch.device("cpu"), batch_size=4)
 
 
