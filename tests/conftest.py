@@ -12,7 +12,7 @@ from kdpipe.models import create_model
 from kdpipe.runner import Pipeline
 from kdpipe.stages import build_stages
 
-from helpers import STUDENT_RUN, settings
+from helpers import STUDENT_RUN, copy_cache, make, settings
 
 AUDIOSET_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "audioset"
 
@@ -36,6 +36,24 @@ def small_demo(tmp_path_factory) -> DemoDataset:
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_eval=8, n_val=8, clip_seconds=1.0)
 
 
+@pytest.fixture(scope="session")
+def prepared(small_demo, tmp_path_factory) -> Path:
+    """A cache holding small_demo's prepare stage as helpers.settings configures it (the prepare of most tests):
+    built once, copied by the fixtures and tests that build on it (helpers.copy_cache)."""
+    cache = tmp_path_factory.mktemp("prepared") / "cache"
+    make(STUDENT_RUN, small_demo, cache).ensure("prepare")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def student_upstream(prepared, small_demo, tmp_path_factory) -> Path:
+    """A cache with STUDENT_RUN's teacher stages built (prepare, train-teacher/mn_tiny, extract/mn_tiny,
+    extract-teachers): the upstream of most student tests, trained once. Tests copy it (helpers.copy_cache)."""
+    cache = copy_cache(prepared, tmp_path_factory.mktemp("student_upstream") / "cache")
+    make(STUDENT_RUN, small_demo, cache).ensure("extract-teachers")
+    return cache
+
+
 @dataclass(frozen=True)
 class TrainedRun:
     settings: list[str]  # the --set items that describe the run
@@ -44,10 +62,11 @@ class TrainedRun:
 
 
 @pytest.fixture(scope="session")
-def trained_run(small_demo, tmp_path_factory) -> TrainedRun:
+def trained_run(prepared, small_demo, tmp_path_factory) -> TrainedRun:
     """small_demo with a one-epoch no-KD student built; teacher passt_tiny has a checkpoint file,
     teacher mn_tiny (trained by train-teacher) is never built."""
     root = tmp_path_factory.mktemp("trained_run")
+    copy_cache(prepared, root / "cache")
     checkpoint = root / "passt_tiny.pt"
     torch.manual_seed(0)
     torch.save(create_model("passt_tiny", num_classes=12).state_dict(), checkpoint)

@@ -1,6 +1,7 @@
 """Helpers several test files share; pytest puts tests/ on sys.path, so `from helpers import ...` works."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -68,9 +69,18 @@ def kill_after_chunks(command: list[str], cache: Path, minimum: int, total: int)
 
 
 def resume_and_run_clean(command: list[str], killed: Path, clean: Path) -> None:
-    """Rerun the killed `command` (it must resume) and run it uninterrupted in `clean`; both must succeed."""
-    resumed = subprocess.run(command, capture_output=True, text=True)
-    assert resumed.returncode == 0 and "chunks already done" in resumed.stderr, resumed.stderr
-    uninterrupted = subprocess.run([c.replace(str(killed), str(clean)) for c in command], capture_output=True,
-                                   text=True)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    """Rerun the killed `command` (it must resume) and run it uninterrupted in `clean`; both must succeed.
+
+    Both run in this process (the CLI, in-process): only the run that is killed needs a process of its own, a
+    rerun reads nothing but the cache, and each `python -m kdpipe` costs seconds of imports."""
+    args = command[3:]  # after `python -m kdpipe`
+    resumed = CliRunner().invoke(app, args)
+    assert resumed.exit_code == 0 and "chunks already done" in resumed.output, resumed.output
+    invoke(*[c.replace(str(killed), str(clean)) for c in args])
+
+
+def copy_cache(source: Path, target: Path) -> Path:
+    """Copy a cache built once by a session fixture (conftest: `prepared`, `student_upstream`) into `target`, so a
+    test builds on its own copy and never pays for the shared upstream stages again. Returns `target`."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target

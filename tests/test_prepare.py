@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import zarr
+from typer.testing import CliRunner
 
 from kdpipe.classes import read_class_list
 from kdpipe.config import load_config
@@ -21,6 +22,9 @@ from kdpipe.errors import KdpipeError
 from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages import build_stages
+from kdpipe.cli import app
+
+from helpers import invoke
 
 SR = 32000
 
@@ -224,11 +228,11 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert 2 <= written < 48, f"kill landed after {written} of 48 shards"
     entry = next(killed_cache.glob("prepare/*"))
     assert not (entry / "record.json").exists()
-    resumed = subprocess.run([*command, f"--set=cache_dir={killed_cache}"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "shards already written" in resumed.stderr
-    clean = subprocess.run([*command, f"--set=cache_dir={clean_cache}"], capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
+    # the rerun and the uninterrupted run: the CLI in this process (only the killed run needs its own)
+    resumed = CliRunner().invoke(app, [*command[3:], f"--set=cache_dir={killed_cache}"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "shards already written" in resumed.output
+    invoke(*command[3:], f"--set=cache_dir={clean_cache}")
     a = zarr.open_group(next(killed_cache.glob("prepare/*/waveforms.zarr")), mode="r")
     b = zarr.open_group(next(clean_cache.glob("prepare/*/waveforms.zarr")), mode="r")
     for name in ("waveform", "labels", "clip_id", "split", "status", "done"):
