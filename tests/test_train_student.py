@@ -3,7 +3,6 @@
 import json
 from types import SimpleNamespace
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -126,8 +125,9 @@ def test_precision_auto_is_bf16_on_cuda_only():
     assert not training.FitSettings(**settings, precision="fp32").bf16(cuda)
 
 
-def test_student_trains_from_cached_teachers_and_width_changes_only_the_student(small_demo, tmp_path):
-    pipeline = make(small_demo, tmp_path)
+def test_student_trains_from_cached_teachers_and_width_changes_only_the_student(small_demo, student_upstream,
+                                                                               tmp_path):
+    pipeline = make(small_demo, helpers.copy_cache(student_upstream, tmp_path))
     out = pipeline.ensure("train-student")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
@@ -142,7 +142,8 @@ def test_student_trains_from_cached_teachers_and_width_changes_only_the_student(
     assert wider.status("train-student").state == "fresh"  # the 0.2 student is still cached
 
 
-def test_no_kd_baseline_needs_no_teachers(small_demo, tmp_path):
+def test_no_kd_baseline_needs_no_teachers(small_demo, prepared, tmp_path):
+    helpers.copy_cache(prepared, tmp_path)
     config = load_config(None, [item for item in settings(small_demo, tmp_path, "student.kd.enabled=false")
                                 if not item.startswith(("teachers.", "teacher_training."))])
     pipeline = Pipeline(build_stages(config), config)
@@ -158,10 +159,11 @@ def test_no_kd_baseline_needs_no_teachers(small_demo, tmp_path):
     assert result.exit_code == 0 and "train-student/no-kd: cached" in result.output
 
 
-def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, tmp_path):
-    """A real `kdpipe train-student` killed after an epoch continues where it stopped, metrics unchanged."""
-    make(small_demo, tmp_path / "killed").ensure("extract-teachers")  # upstream built once, copied below
-    shutil.copytree(tmp_path / "killed", tmp_path / "clean")
+def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, student_upstream, tmp_path):
+    """A real `kdpipe train-student` killed after an epoch continues where it stopped, metrics unchanged.
+    Only the killed run is a process of its own; the rerun and the uninterrupted run are the CLI in-process."""
+    for cache in ("killed", "clean"):  # the upstream stages, built once for the session
+        helpers.copy_cache(student_upstream, tmp_path / cache)
     common = ["student.epochs=4", "student.epoch_samples=24", "student.batch_size=2"]
     command = lambda cache: [sys.executable, "-m", "kdpipe", "train-student",  # noqa: E731
                              *[f"--set={item}" for item in settings(small_demo, cache, *common)]]
@@ -176,11 +178,10 @@ def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert metrics is not None, "no epoch finished before the deadline"
-    resumed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch" in resumed.stderr
-    clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
+    resumed = CliRunner().invoke(app, command(tmp_path / "killed")[3:])  # after `python -m kdpipe`
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch" in resumed.output
+    helpers.invoke(*command(tmp_path / "clean")[3:])
 
     def read(cache):
         folder = next(cache.glob("train-student/*/metrics.jsonl")).parent
@@ -197,8 +198,9 @@ def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, tmp_path):
 
 
 @pytest.mark.parametrize(("teacher", "student"), [("mn_tiny", "passt_tiny"), ("ast_tiny", "mn_tiny")])
-def test_cmkd_in_both_directions(small_demo, tmp_path, teacher, student):
+def test_cmkd_in_both_directions(small_demo, prepared, tmp_path, teacher, student):
     """CNN -> transformer and transformer -> CNN: any registry model learns from any teacher's logits."""
+    helpers.copy_cache(prepared, tmp_path)
     pipeline = make(small_demo, tmp_path, f"teachers.0.arch={teacher}", f"student.arch={student}")
     out = pipeline.ensure("train-student")
     record = pipeline.cache.record("train-student", pipeline.key("train-student"))
@@ -216,11 +218,12 @@ def test_shard_gives_each_rank_every_world_th_batch():
     assert shard(batches, Ranks()) == batches
 
 
-def test_two_gloo_ranks_train_like_one_process_with_their_combined_batch(small_demo, tmp_path):
+def test_two_gloo_ranks_train_like_one_process_with_their_combined_batch(small_demo, student_upstream, tmp_path):
     """`--gpus 2` on CPU: DDP over gloo averages gradients, so 2 ranks x batch 4 = 1 process x batch 8.
 
     AST has no dropout or random patchout, and mixup is off: nothing random differs between ranks.
     """
+    helpers.copy_cache(student_upstream, tmp_path)
     common = ("student.arch=ast_tiny", "student.mixup_alpha=0", "student.epochs=2", "device=cpu")
     single = make(small_demo, tmp_path, *common, "student.batch_size=8")
     single_out = single.ensure("train-student")
@@ -278,7 +281,9 @@ def test_mutual_term_is_nonzero_and_changes_every_members_gradients():
     assert mutual_term(logits[:, :1]).item() == 0.0
 
 
-def test_multi_representation_students_train_together_and_keep_the_best_on_validation(small_demo, tmp_path):
+def test_multi_representation_students_train_together_and_keep_the_best_on_validation(small_demo, student_upstream,
+                                                                                      tmp_path):
+    helpers.copy_cache(student_upstream, tmp_path)
     pipeline = make(small_demo, tmp_path, "student.arch=mn_tiny", "student.representations=[mel,mfcc,stft]",
                     "student.keep_members=all", "student.epochs=1")
     out = pipeline.ensure("train-student")
