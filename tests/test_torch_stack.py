@@ -1,5 +1,6 @@
 """The installed torch trio and the lock: checked first, so a drifted environment fails here, readably."""
 
+import json
 import math
 import os
 import re
@@ -107,10 +108,37 @@ def fake_broken_torchaudio(root: Path) -> Path:
     return root
 
 
-def kdpipe(args: list[str], cwd: Path, python_path: Path) -> subprocess.CompletedProcess:
+# Runs kdpipe's CLI once per argument list in ONE fresh interpreter (each `python -m kdpipe` costs seconds of
+# imports): prints each command's exit status to stdout and a marker line to stderr before each command, so
+# every command's stderr is read on its own. A failed import is not cached (Python drops the half-imported
+# module), so each command meets the broken torchaudio afresh, as it would in a process of its own.
+DRIVER = """
+import json, sys
+from kdpipe.cli import app
+codes = []
+for args in json.loads(sys.argv[1]):
+    print(f"=== kdpipe {' '.join(args)}", file=sys.stderr, flush=True)
+    try:
+        app(args, prog_name="kdpipe")
+    except SystemExit as exit:
+        codes.append(exit.code or 0)
+    else:
+        codes.append(0)
+    sys.stderr.flush()
+print(json.dumps(codes))
+"""
+
+
+def kdpipe(commands: list[list[str]], cwd: Path, python_path: Path) -> list[tuple[int, str]]:
+    """Each command's (exit status, stderr), all run by DRIVER in one new interpreter."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_path), str(ROOT)]), "COLUMNS": "500"}
-    return subprocess.run([sys.executable, "-m", "kdpipe", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    codes = json.loads(result.stdout.splitlines()[-1])
+    stderrs = re.split(r"^=== kdpipe .*\n", result.stderr, flags=re.M)[1:]
+    assert len(codes) == len(stderrs) == len(commands), result.stderr
+    return list(zip(codes, stderrs))
 
 
 def test_a_broken_torchaudio_is_one_clear_message_and_the_cli_still_answers(tmp_path, small_demo):
@@ -119,13 +147,13 @@ def test_a_broken_torchaudio_is_one_clear_message_and_the_cli_still_answers(tmp_
     config = tmp_path / "kdpipe.yaml"
     config.write_text(f"cache_dir: {tmp_path / 'cache'}\ndata:\n  clip_seconds: 1.0\n  class_list: {small_demo.class_list}\n"
                       f"  sources:\n    - path: {small_demo.manifest}\nprepare:\n  workers: 1\n")
-    for args in (["--help"], ["--version"], ["config", "show"], ["status"]):
-        result = kdpipe(args, tmp_path, broken)
-        assert result.returncode == 0, (args, result.stderr)
-    result = kdpipe(["prepare"], tmp_path, broken)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
-    message = " ".join(result.stderr.split())
+    answers = [["--help"], ["--version"], ["config", "show"], ["status"]]
+    *answered, (code, stderr) = kdpipe([*answers, ["prepare"]], tmp_path, broken)
+    for args, (status, err) in zip(answers, answered):
+        assert status == 0, (args, err)
+    assert code == 1, stderr
+    assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr
+    message = " ".join(stderr.split())
     assert "torchaudio cannot be loaded" in message and "undefined symbol" in message
     assert f"torchaudio 2.11.1, torchvision {metadata.version('torchvision')}" in message
     assert f"kdpipe needs torch=={pins['torch']}, torchaudio=={pins['torchaudio']}" in message
