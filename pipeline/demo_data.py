@@ -293,14 +293,27 @@ def write_demo_dataset(
                        unlabelled=unlabelled if n_unlabelled else None)
 
 
-DEMO_SPLITS = {"n_train": 240, "n_eval": 80, "n_val": 80}
+def complete_labels(clip_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N, C) bool: every event mixed into each demo clip (its id names split and index), labelled or not;
+    replays the clip's draws, so it needs no file beside the data."""
+    complete = np.zeros((len(clip_ids), len(_CLASSES)), dtype=bool)
+    for row, clip_id in enumerate(clip_ids):
+        _, split, index = str(clip_id).rsplit("_", 2)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_SEEDS[split], int(index)]))
+        complete[row, _choose_classes(rng, int(index))] = True
+    return complete
+
+
+DEMO_SPLITS = {"n_train": 240, "n_eval": 400, "n_val": 80}
 """The demo's clips per split: `val` chooses checkpoints (teacher_training.keep / student.keep: best), `eval` scores."""
-DEMO_CLIPS = sum(DEMO_SPLITS.values())
 
 
-def demo_config(out: Path, overrides: list[str], missing_labels: float, unlabelled: int = 0) -> tuple[Config, int]:
+def demo_config(out: Path, overrides: list[str], missing_labels: float, unlabelled: int = 0,
+                clips: dict[str, int] | None = None) -> tuple[Config, int]:
     """configs/demo.yaml with its data and cache under `out` (and, with `unlabelled` clips, a second source of
-    unlabelled audio), and the number of clips generated for it (0 when the data is already there)."""
+    unlabelled audio), and the number of clips generated for it (0 when the data is already there).
+    `clips`: clips per split (write_demo_dataset's n_train, n_val, n_eval; default DEMO_SPLITS)."""
+    clips = clips or DEMO_SPLITS
     data = out / "data"
     sources = [f"data.sources.0.path={data / 'manifest.csv'}"]
     if unlabelled:
@@ -311,9 +324,9 @@ def demo_config(out: Path, overrides: list[str], missing_labels: float, unlabell
                              check_files=False)
     written = 0
     have = len(_manifest_rows(data / "unlabelled.csv"))
-    if len(_manifest_rows(data / "manifest.csv")) != DEMO_CLIPS or have != unlabelled:
+    if len(_manifest_rows(data / "manifest.csv")) != sum(clips.values()) or have != unlabelled:
         dataset = write_demo_dataset(data, clip_seconds=config.data.clip_seconds, seed=config.seed,
-                                     missing_labels=missing_labels, n_unlabelled=unlabelled, **DEMO_SPLITS)
+                                     missing_labels=missing_labels, n_unlabelled=unlabelled, **clips)
         written = dataset.n_clips + unlabelled
     check_input_files(config)
     out.mkdir(parents=True, exist_ok=True)

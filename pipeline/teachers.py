@@ -57,7 +57,8 @@ class CrossFitted(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.frontend_config = members[0].frontend_config
-        self.max_frames = getattr(members[0], "max_frames", None)
+        if hasattr(members[0], "max_frames"):  # transformers: the longest input they take (kdpipe.models.windowing)
+            self.max_frames = members[0].max_frames
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(x) for member in self.members]).mean(dim=0)

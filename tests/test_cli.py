@@ -14,38 +14,54 @@ from helpers import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-FAST = ("--set", "teacher_training.epochs=1", "--set", "student.epochs=1")
+FAST = ("--set", "teacher_training.epochs=1", "--set", "student.epochs=1", "--train-clips", "24", "--val-clips", "8",
+        "--eval-clips", "16", "--seeds", "2")
+TEACHERS = ("passt_tiny", "mn04")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "kdpipe-demo"
     output = invoke("demo", "--out", str(out), *FAST)
-    assert "prepare: 400 clips decoded, none skipped" in output  # train 240, eval 80, val 80
-    for teacher in ("passt_tiny", "ast_tiny", "mn10"):
+    assert "prepare: 48 clips decoded, none skipped" in output  # train 24, val 8, eval 16
+    for teacher in TEACHERS:
         assert f"train-teacher/{teacher}: done" in output
     assert "extract-teachers: done" in output and re.search(r"ensemble\s+mAP 0\.\d{4}", output)
-    assert re.search(r"model\s+┃ eval mAP\s+┃ parameters\s+┃ MACs \(2 s clip\)\s+┃ clips/s", output)
-    for row in ("teacher passt_tiny", "teacher ast_tiny", "teacher mn10", "teacher ensemble", "student, with KD", "student, no KD"):
+    assert re.search(r"model\s+┃ eval mAP\s+┃ parameters\s+┃ MACs \(1 s clip\)\s+┃ clips/s", output)
+    for row in (*(f"teacher {t}" for t in TEACHERS), "teacher ensemble", "student, with KD", "student, no KD"):
         assert re.search(rf"{row}\s+│ 0\.\d{{4}}\s+│ [\d.]+ [kM]\s+│ [\d.]+ [MG]\s+│ [\d.]+", output), row
-    assert "teacher mn10: the last epoch" in output and "student, no KD: the last epoch" in output
+    assert "teacher mn04: 2 cross-fitted models, fold 0: the last epoch" in output
+    assert "student, no KD: the last epoch" in output
     assert "Every checkpoint above was chosen without the eval split it is scored on." in output
+    # the evidence: what the teachers predict for the train events the labels leave out
+    assert re.search(r"Teachers' mean probability on the train clips: \d+ of \d+ events are unlabelled", output)
+    assert re.search(r"│ ensemble\s+│ 0\.\d{3}\s+│ 0\.\d{3}\s+│ \d+%", output)
+    # both students over seeds 0 and 1, their spread, and one plain finding
+    assert re.search(r"student, with KD\s+│ 0\.\d{4}\s+│ 0\.\d{4}\s+│ 0\.\d{4} ± 0\.\d{4}", output)
+    assert re.search(r"KD - no KD\s+│ [+-]0\.\d{4}\s+│ [+-]0\.\d{4}", output)
+    assert re.search(r"Finding: (KD beat|KD lost to|No consistent effect of KD)", output)
+    # where the time went: every stage, then the seeds' students
+    assert re.search(r"Where the demo's \d+ s went", output)
+    for step in ("prepare", "train-teacher/mn04", "extract-teachers", "evaluate", "train-student (seed 1)",
+                 "train-student/no-kd (seed 1)", "total"):
+        assert re.search(rf"│ {re.escape(step)}\s+│ \d+\.\d", output), step
     assert output.count("report:") == 1
     report = Path(re.search(r"report: (\S+report\.md)", output).group(1))
     assert report.is_file() and (report.parent / "metrics.json").is_file()
+    assert (out / "seeds" / "comparison.png").is_file()
     return out / "demo.yaml"
 
 
 def test_demo_leaves_every_stage_fresh_and_rerun_is_cached(demo):
     status = invoke("status", "--config", str(demo))
-    teachers = ("passt_tiny", "ast_tiny", "mn10")
-    stages = ("prepare", *(f"train-teacher/{t}" for t in teachers), *(f"extract/{t}" for t in teachers),
+    stages = ("prepare", *(f"train-teacher/{t}" for t in TEACHERS), *(f"extract/{t}" for t in TEACHERS),
               "extract-teachers", "train-student", "train-student/no-kd", "evaluate")
     for stage in stages:
         assert re.search(rf"{stage}\s+│\s+fresh", status), status
     assert invoke("run", "--config", str(demo)).count(": cached") == len(stages)
     again = invoke("demo", "--out", str(demo.parent), *FAST)
     assert "building" not in again and "wrote" not in again and "student, no KD" in again
+    assert re.search(r"│ train-student \(seed 1\)\s+│ cached", again)
 
 
 def prepare_entries(listing: str) -> int:
@@ -55,15 +71,16 @@ def prepare_entries(listing: str) -> int:
 def test_status_explains_a_change_and_prepare_rebuilds(demo):
     status = invoke("status", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "stale" in status and "prepare.min_seconds: 0.5 -> 0.6" in status
-    # 3 train-teacher, 3 extract, the ensemble, both students, evaluate
-    assert status.count("upstream prepare changed") == 10
+    # 2 train-teacher, 2 extract, the ensemble, both students, evaluate
+    assert status.count("upstream prepare changed") == 8
     output = invoke("prepare", "--config", str(demo), "--set", "prepare.min_seconds=0.6")
     assert "prepare: building" in output and output.strip().endswith("waveforms.zarr")
     listing = invoke("cache", "ls", "--config", str(demo))
-    assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 3
+    assert prepare_entries(listing) == 2 and listing.count("train-teacher/") == 2
     dry = invoke("cache", "gc", "--config", str(demo), "--dry-run")
-    # the 0.6 store goes; the teachers and both students stay (the baseline is a stage of the demo's config)
-    assert dry.count("would remove prepare/") == 1 and "would remove train-student/" not in dry
+    # the 0.6 store goes; the teachers and both students stay (the baseline is a stage of the demo's config);
+    # the seed-1 students of the demo's spread are not stages of its config, so they go too
+    assert dry.count("would remove prepare/") == 1 and dry.count("would remove train-student/") == 2
     assert "would remove train-teacher" not in dry and "would remove extract" not in dry
     assert prepare_entries(invoke("cache", "ls", "--config", str(demo))) == 2
     invoke("cache", "gc", "--config", str(demo))

@@ -172,6 +172,12 @@ def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption 
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data and cache.")] = Path("kdpipe-demo"),
     set_: SetOption = None,
+    seeds: Annotated[int, typer.Option(min=1, max=10, help="Train both students with seeds 0..N-1 and report "
+                                       "each one's mean and spread.")] = 3,
+    train_clips: Annotated[int, typer.Option(min=4, help="Train clips to generate.")] = 240,
+    val_clips: Annotated[int, typer.Option(min=2, help="Validation clips (choose checkpoints; never scored).")] = 80,
+    eval_clips: Annotated[int, typer.Option(min=2, help="Evaluation clips (scored; never trained or chosen "
+                                            "on).")] = 400,
     missing_labels: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of train-clip events left unlabelled, as in AudioSet's weak labels: the "
         "regime where teacher targets add what the labels lack.")] = 0.3,
@@ -184,14 +190,16 @@ def demo(
     from kdpipe.demo_data import demo_config
 
     started = time.time()
-    config, written = demo_config(out, set_ or [], missing_labels, unlabelled)
+    clips = {"n_train": train_clips, "n_val": val_clips, "n_eval": eval_clips}
+    config, written = demo_config(out, set_ or [], missing_labels, unlabelled, clips)
     if written:
         console.info(f"demo: wrote {written} synthetic clips to {config.data.sources[0].path.parent}")
     resolved = out / "demo.yaml"
     resolved.write_text(config_module.dump_yaml(config_module.to_plain(config)))
     pipeline = make_pipeline(config)
+    times: dict[str, float | None] = {"generate the clips": time.time() - started} if written else {}
     for name in pipeline.stages:
-        pipeline.ensure(name, force=force)
+        times[name] = _timed(pipeline, name, force)
     evaluated = pipeline.built(stage_names.EVALUATE)
     console.out.print(evaluation_table(evaluated / "metrics.json", ("mAP",)))
     for model in json.loads((evaluated / "metrics.json").read_text())["models"]:
@@ -199,6 +207,81 @@ def demo(
             console.out.print(f"  {model['label']}: {model['kept']}")
     console.out.print(f"Every checkpoint above was chosen without the {config.evaluation.split} split it is "
                       "scored on.")
+    if stage_names.ENSEMBLE in pipeline.stages:
+        console.out.print(_label_evidence(pipeline, missing_labels))
+    if stage_names.STUDENT in pipeline.stages and stage_names.BASELINE in pipeline.stages:
+        _seeds(resolved, set_ or [], seeds, out, times, config.evaluation.split)
+    console.out.print(_times_table(times, time.time() - started))
     console.out.print(f"report: {evaluated / 'report.md'}")
     console.info(f"demo: finished in {time.time() - started:.1f} s; outputs under {config.cache_dir}")
     console.info(f"demo: try `kdpipe status --config {resolved}` or `kdpipe cache ls --config {resolved}`")
+
+
+def _timed(pipeline: Pipeline, name: str, force: bool = False) -> float | None:
+    """Seconds to bring `name` up to date; None when it was cached."""
+    if not force and pipeline.cache.record(name, pipeline.key(name)) is not None:
+        pipeline.ensure(name)
+        return None
+    started = time.time()
+    pipeline.ensure(name, force=force)
+    return time.time() - started
+
+
+def _label_evidence(pipeline: Pipeline, missing_labels: float) -> Table:
+    """What each teacher predicts for the train events the labels leave out (the demo knows them)."""
+    from kdpipe.demo_data import complete_labels
+    from kdpipe.demo_findings import teacher_evidence
+    from kdpipe.logits_store import CombinedLogits
+    from kdpipe.waveform_store import WaveformStore
+
+    store = WaveformStore.open(pipeline.built(stage_names.PREPARE) / STORE_FILE)
+    complete = complete_labels(store.column("clip_id"), pipeline.config.seed)
+    labels = store.column("labels").astype(bool)[store.rows("train")]
+    missed = int((complete[store.rows("train")] & ~labels).sum())
+    table = Table("teacher", "labelled events", "unlabelled events", "of those > 0.5", "absent classes",
+                  f"{pipeline.config.evaluation.split} calibration error",
+                  title=f"Teachers' mean probability on the train clips: {missed} of "
+                        f"{int(complete[store.rows('train')].sum())} events are unlabelled (--missing-labels "
+                        f"{missing_labels:g})")
+    for row in teacher_evidence(store, CombinedLogits.in_folder(pipeline.built(stage_names.ENSEMBLE)), complete,
+                                pipeline.config.evaluation.split):
+        table.add_row(row.name, f"{row.labelled:.3f}", f"{row.unlabelled:.3f}", f"{row.tagged_unlabelled:.0%}",
+                      f"{row.absent:.3f}", f"{row.eval_ece:.3f}")
+    return table
+
+
+def _seeds(resolved: Path, overrides: list[str], seeds: int, out: Path, times: dict[str, float | None],
+           split: str) -> None:
+    """Both students over seeds 0..seeds-1 (seed 0 is the run above), their spread, and what it shows."""
+    from kdpipe.compare import Variant, student_scores, write_comparison
+    from kdpipe.demo_findings import kd_finding, spread
+
+    results = []
+    for variant in (Variant("student, with KD", ()), Variant("student, no KD", ("student.kd.enabled=false",))):
+        pipelines = []
+        for seed in range(seeds):
+            pipeline = make_pipeline(resolve_config(resolved, [*overrides, *variant.overrides,
+                                                                f"student.seed={seed}"]))
+            name = stage_names.student(pipeline.config.student.kd.enabled)
+            if seed:
+                times[f"{name} (seed {seed})"] = _timed(pipeline, name)
+            pipelines.append((seed, pipeline))
+        results.append(student_scores(variant, pipelines, build=False))
+    write_comparison(results, out / "seeds", split)
+    table = Table("model", *(f"seed {seed}" for seed in range(seeds)), "mean ± sd",
+                  title=f"Students over {seeds} seeds, {split} mAP (the same teachers' targets)")
+    for result in results:
+        table.add_row(result.variant.name, *(f"{score:.4f}" for score in result.mAP), spread(result.mAP))
+    finding = kd_finding(*results)
+    table.add_row("KD - no KD", *(f"{d:+.4f}" for d in finding.differences), spread(finding.differences))
+    console.out.print(table)
+    console.out.print(f"Finding: {finding.text}")
+    console.out.print(f"seeds: {out / 'seeds' / 'comparison.md'}")
+
+
+def _times_table(times: dict[str, float | None], total: float) -> Table:
+    table = Table("step", "seconds", title=f"Where the demo's {total:.0f} s went")
+    for name, seconds in times.items():
+        table.add_row(name, "cached" if seconds is None else f"{seconds:.1f}")
+    table.add_row("total", f"{total:.1f}")
+    return table
