@@ -93,9 +93,11 @@ def test_dask_engine_equals_local_engine(built, small_demo, tmp_path):
                                   store["teachers/passt_tiny/logits"][:])
 
 
-def test_dask_engine_runs_and_records_the_configured_precision(small_demo, tmp_path):
+def test_dask_engine_runs_and_records_the_configured_precision(built, small_demo, tmp_path):
     """fp32 and bf16 separately: the dask workers' logits equal the local engine's, and the stored
     `precision` attribute is what ran (the two precisions give different logits)."""
+    for stage in ("prepare", "train-teacher"):  # reuse the upstream stages `built` trained
+        shutil.copytree(built[0].config.cache_dir / stage, tmp_path / stage)
     one_teacher = [item for item in settings(small_demo, tmp_path) if not item.startswith("teachers.1")]
     results = {}
     for precision in ("fp32", "bf16"):
