@@ -33,6 +33,14 @@ settings = partial(helpers.settings, RUN)
 make = partial(helpers.make, RUN)
 
 
+@pytest.fixture(scope="module")
+def prepared_here(small_demo, tmp_path_factory) -> Path:
+    """RUN's prepare (4-clip shards) built once for this module; each test damages its own copy (helpers.copy_cache)."""
+    cache = tmp_path_factory.mktemp("integrity") / "cache"
+    make(small_demo, cache).ensure("prepare")
+    return cache
+
+
 def flip_bytes(path: Path, offset: int = 200, count: int = 64) -> None:
     data = bytearray(path.read_bytes())
     for i in range(offset, min(offset + count, len(data))):
@@ -40,7 +48,8 @@ def flip_bytes(path: Path, offset: int = 200, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_demo, tmp_path):
+def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_demo, prepared_here, tmp_path):
+    helpers.copy_cache(prepared_here, tmp_path)
     pipeline = make(small_demo, tmp_path)
     store_path = pipeline.ensure("prepare") / "waveforms.zarr"
     original = WaveformStore.open(store_path).read(np.arange(small_demo.n_clips))
@@ -72,7 +81,8 @@ def test_damaged_and_missing_chunks_are_named_and_only_they_are_rebuilt(small_de
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # read in this process, or in a loader worker that re-raises
-def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, tmp_path, workers):
+def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, prepared_here, tmp_path, workers):
+    helpers.copy_cache(prepared_here, tmp_path)
     pipeline = make(small_demo, tmp_path, "student.kd.enabled=false", f"student.num_workers={workers}")
     store_path = pipeline.ensure("prepare") / "waveforms.zarr"
     shards = sorted(p for p in (store_path / "waveform" / "c").rglob("*") if p.is_file())
@@ -86,7 +96,8 @@ def test_training_refuses_a_corrupt_shard_and_a_missing_label_chunk(small_demo, 
              "student.seed=5").ensure("train-student/no-kd")
 
 
-def test_an_ensemble_never_takes_a_lost_teacher_chunk_for_no_teacher(small_demo, tmp_path):
+def test_an_ensemble_never_takes_a_lost_teacher_chunk_for_no_teacher(small_demo, prepared_here, tmp_path):
+    helpers.copy_cache(prepared_here, tmp_path)
     pipeline = make(small_demo, tmp_path)
     combined = pipeline.ensure("extract-teachers") / "teachers.zarr"
     (combined / "ensemble" / "logits" / "c" / "2" / "0").unlink()  # rows 16-23 of the ensemble
@@ -107,7 +118,8 @@ def test_an_ensemble_never_takes_a_lost_teacher_chunk_for_no_teacher(small_demo,
 
 
 @pytest.mark.parametrize("garbage", ["{not json", "{}", "[1, 2]", '{"stage": "prepare"}'])
-def test_an_unreadable_record_means_not_built(small_demo, tmp_path, garbage):
+def test_an_unreadable_record_means_not_built(small_demo, prepared_here, tmp_path, garbage):
+    helpers.copy_cache(prepared_here, tmp_path)
     pipeline = make(small_demo, tmp_path)
     entry = pipeline.ensure("prepare")
     (entry / "record.json").write_text(garbage)
@@ -119,7 +131,8 @@ def test_an_unreadable_record_means_not_built(small_demo, tmp_path, garbage):
     assert json.loads((entry / "record.json").read_text())["stage"] == "prepare"
 
 
-def test_gc_skips_entries_being_built_or_read(small_demo, tmp_path):
+def test_gc_skips_entries_being_built_or_read(small_demo, prepared_here, tmp_path):
+    helpers.copy_cache(prepared_here, tmp_path)
     pipeline = make(small_demo, tmp_path)
     pipeline.ensure("prepare")
     other = make(small_demo, tmp_path, "prepare.min_seconds=0.9")  # prepare's entry is unreferenced there
