@@ -78,8 +78,9 @@ def test_cli_rejects_an_unknown_teacher(small_demo, tmp_path):
     assert "passt_tiny, ast" in result.output
 
 
-def test_cross_fitted_teacher_labels_each_train_clip_with_the_model_that_never_saw_it(small_demo, tmp_path):
-    pipeline = make(small_demo, tmp_path, "teacher_training.folds=2", "teacher_training.epochs=1",
+def test_cross_fitted_teacher_labels_each_train_clip_with_the_model_that_never_saw_it(small_demo, prepared,
+                                                                                      tmp_path):
+    pipeline = make(small_demo, helpers.copy_cache(prepared, tmp_path / "cache"), "teacher_training.folds=2", "teacher_training.epochs=1",
                     "teachers.1.weight=0")
     out = pipeline.ensure("train-teacher/passt_tiny")
     store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
