@@ -36,6 +36,7 @@ def demo(tmp_path_factory) -> Path:
     # the evidence: what the teachers predict for the train events the labels leave out
     assert re.search(r"Teachers' mean probability on the train clips: \d+ of \d+ events are unlabelled", output)
     assert re.search(r"│ ensemble\s+│ 0\.\d{3}\s+│ 0\.\d{3}\s+│ \d+%", output)
+    assert "Per-class eval AP" in output and re.search(r"│ Doorbell\s+│ \d+%\s+│ [\d.]+\s+│ [\d.]+\s+│ [\d.]+", output)
     # both students over seeds 0 and 1, their spread, and one plain finding
     assert re.search(r"student, with KD\s+│ 0\.\d{4}\s+│ 0\.\d{4}\s+│ 0\.\d{4} ± 0\.\d{4}", output)
     assert re.search(r"KD - no KD\s+│ [+-]0\.\d{4}\s+│ [+-]0\.\d{4}", output)

@@ -208,7 +208,8 @@ def demo(
     console.out.print(f"Every checkpoint above was chosen without the {config.evaluation.split} split it is "
                       "scored on.")
     if stage_names.ENSEMBLE in pipeline.stages:
-        console.out.print(_label_evidence(pipeline, missing_labels))
+        for table in _label_evidence(pipeline, missing_labels, evaluated):
+            console.out.print(table)
     if stage_names.STUDENT in pipeline.stages and stage_names.BASELINE in pipeline.stages:
         _seeds(resolved, set_ or [], seeds, out, times, config.evaluation.split)
     console.out.print(_times_table(times, time.time() - started))
@@ -227,8 +228,11 @@ def _timed(pipeline: Pipeline, name: str, force: bool = False) -> float | None:
     return time.time() - started
 
 
-def _label_evidence(pipeline: Pipeline, missing_labels: float) -> Table:
-    """What each teacher predicts for the train events the labels leave out (the demo knows them)."""
+def _label_evidence(pipeline: Pipeline, missing_labels: float, evaluated: Path) -> list[Table]:
+    """What each teacher predicts for the train events the labels leave out (the demo knows them), and each
+    class's eval AP beside the share of its train events left unlabelled."""
+    import csv
+
     from kdpipe.demo_data import complete_labels
     from kdpipe.demo_findings import teacher_evidence
     from kdpipe.logits_store import CombinedLogits
@@ -247,7 +251,16 @@ def _label_evidence(pipeline: Pipeline, missing_labels: float) -> Table:
                                 pipeline.config.evaluation.split):
         table.add_row(row.name, f"{row.labelled:.3f}", f"{row.unlabelled:.3f}", f"{row.tagged_unlabelled:.0%}",
                       f"{row.absent:.3f}", f"{row.eval_ece:.3f}")
-    return table
+    with open(evaluated / "per_class_ap.csv", newline="") as handle:
+        per_class = list(csv.DictReader(handle))
+    events = complete[store.rows("train")]
+    columns = [c for c in ("ap_ensemble", "ap_student_kd", "ap_student_no_kd") if c in per_class[0]]
+    classes = Table("class", "train events unlabelled", *(c.removeprefix("ap_").replace("_", " ") for c in columns),
+                    title=f"Per-class {pipeline.config.evaluation.split} AP")
+    for index, row in enumerate(per_class):
+        unlabelled_share = (events[:, index] & ~labels[:, index]).sum() / max(events[:, index].sum(), 1)
+        classes.add_row(row["class_name"], f"{unlabelled_share:.0%}", *(f"{float(row[c]):.3f}" for c in columns))
+    return [table, classes]
 
 
 def _seeds(resolved: Path, overrides: list[str], seeds: int, out: Path, times: dict[str, float | None],
