@@ -68,10 +68,11 @@ def kd_finding(kd: Scores, baseline: Scores) -> Finding:
     differences = tuple(a - b for a, b in zip(kd.mAP, baseline.mAP))
     mean, n = float(np.mean(differences)), len(differences)
     spread = f"per seed {', '.join(f'{d:+.3f}' for d in differences)}"
+    seeds = f"all {n} seeds" if n > 1 else "its one seed (--seeds 3 tells an effect from noise)"
     if all(d > 0 for d in differences):
-        text = f"KD beat no KD on all {n} seeds: {mean:+.3f} mAP on average ({spread})."
+        text = f"KD beat no KD on {seeds}: {mean:+.3f} mAP on average ({spread})."
     elif all(d < 0 for d in differences):
-        text = f"KD lost to no KD on all {n} seeds: {mean:+.3f} mAP on average ({spread})."
+        text = f"KD lost to no KD on {seeds}: {mean:+.3f} mAP on average ({spread})."
     else:
         text = (f"No consistent effect of KD over {n} seeds: {mean:+.3f} mAP on average ({spread}); "
                 "the seeds disagree on its sign.")

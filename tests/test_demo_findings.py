@@ -34,3 +34,5 @@ def test_the_finding_states_the_sign_only_when_every_seed_agrees():
     mixed = kd_finding(scores("kd", (0.70, 0.60, 0.71)), scores("base", (0.65, 0.66, 0.70)))
     assert mixed.text.startswith("No consistent effect of KD over 3 seeds") and "+0.050, -0.060, +0.010" in mixed.text
     assert spread((0.70, 0.72, 0.71)) == "0.7100 ± 0.0100"
+    one = kd_finding(Scores(Variant("kd", ()), (0,), (0.7,)), Scores(Variant("base", ()), (0,), (0.6,)))
+    assert one.text.startswith("KD beat no KD on its one seed (--seeds 3 tells an effect from noise): +0.100")
