@@ -65,7 +65,7 @@ def test_a_view_on_the_training_path_is_what_the_teachers_heard(run):
     teacher = Teacher(spec, store.sample_rate, torch.device("cpu"), batch_size=5)
     heard = []
     forward = teacher._forward
-    teacher._forward = lambda floats: heard.append(floats.clone()) or forward(floats)
+    teacher._forward = lambda floats, unseen: heard.append(floats.clone()) or forward(floats, unseen)
     teacher.outputs(waves, rows)  # as extraction runs it: the clean batch, then each view
     targets = ViewTargets(combined, config, store.n_clips, store.sample_rate, store.clip_samples,
                           torch.device("cpu"))
@@ -77,7 +77,7 @@ def test_a_view_on_the_training_path_is_what_the_teachers_heard(run):
         assert torch.equal(trained_on, heard[1 + view]), f"epoch {epoch}"
         assert not torch.equal(trained_on, heard[0])  # a view is not the clean clip
         with torch.inference_mode():
-            again = teacher._forward(trained_on).numpy()
+            again = teacher._forward(trained_on, None).numpy()
         np.testing.assert_allclose(again, stored[rows, view].astype(np.float32), rtol=1e-2, atol=1e-2)
         ensemble = combined.read_view(view)[rows]
         expected = 1.0 / (1.0 + np.exp(-ensemble / config.student.kd.temperature))
