@@ -167,7 +167,10 @@ def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, student_up
     common = ["student.epochs=4", "student.epoch_samples=24", "student.batch_size=2"]
     command = lambda cache: [sys.executable, "-m", "kdpipe", "train-student",  # noqa: E731
                              *[f"--set={item}" for item in settings(small_demo, cache, *common)]]
-    process = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the killed epoch runs with this process's thread count, so its float sums are the in-process runs' sums
+    threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=threads)
     deadline = time.monotonic() + 180
     metrics = None
     while time.monotonic() < deadline and process.poll() is None:
