@@ -7,7 +7,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 PATCH_SIZE = 16
@@ -27,6 +26,10 @@ class PatchEmbed(nn.Module):
 
 def transformer_blocks(embed_dim: int, depth: int, num_heads: int) -> nn.Sequential:
     """DeiT-B style pre-norm blocks; key names match both teachers' checkpoints."""
+    # imported here, not at the top: timm brings torchvision and torch._dynamo with it (3 s on a 2-core CPU),
+    # which every `kdpipe` command would otherwise pay before doing anything
+    from timm.models.vision_transformer import Block
+
     norm = partial(nn.LayerNorm, eps=1e-6)
     return nn.Sequential(
         *(Block(embed_dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth))
