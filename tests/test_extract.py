@@ -93,9 +93,19 @@ def test_dask_engine_equals_local_engine(built, small_demo, tmp_path):
                                   store["teachers/passt_tiny/logits"][:])
 
 
-def test_dask_engine_runs_and_records_the_configured_precision(built, small_demo, tmp_path):
-    """fp32 and bf16 separately: the dask workers' logits equal the local engine's, and the stored
-    `precision` attribute is what ran (the two precisions give different logits)."""
+@pytest.fixture(scope="module")
+def scheduler():
+    """A running dask cluster reached by address (`extract.scheduler`), as a cluster kdpipe did not start is:
+    its two single-threaded worker processes pay for importing torch once, whatever runs on them."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_dask_engine_runs_and_records_the_configured_precision(built, small_demo, scheduler, tmp_path):
+    """fp32 and bf16 one after the other on one external cluster: the dask workers' logits equal the local
+    engine's, and the stored `precision` attribute is what ran (the two precisions give different logits)."""
     for stage in ("prepare", "train-teacher"):  # reuse the upstream stages `built` trained
         shutil.copytree(built[0].config.cache_dir / stage, tmp_path / stage)
     one_teacher = [item for item in settings(small_demo, tmp_path) if not item.startswith("teachers.1")]
@@ -105,7 +115,7 @@ def test_dask_engine_runs_and_records_the_configured_precision(built, small_demo
         local = Pipeline(build_stages(config := load_config(None, items)), config)
         group = zarr.open_group(local.ensure("extract/passt_tiny") / "logits.zarr", mode="r")
         expected, recorded = group["logits"][:], group.attrs["precision"]
-        items += ["extract.engine=dask", "extract.dask_workers=1"]
+        items += ["extract.engine=dask", f"extract.scheduler={scheduler}"]
         dask = Pipeline(build_stages(config := load_config(None, items)), config)
         group = zarr.open_group(dask.ensure("extract/passt_tiny", force=True) / "logits.zarr", mode="r")
         np.testing.assert_array_equal(group["logits"][:], expected)
@@ -121,9 +131,9 @@ def test_kill_9_then_resume_is_bit_identical(built, small_demo, tmp_path):
     for stage in ("prepare", "train-teacher"):  # reuse the upstream stages built above
         shutil.copytree(source / stage, killed / stage)
         shutil.copytree(source / stage, clean / stage)
-    command = [sys.executable, "-m", "kdpipe", "extract-teachers", "--set=extract.chunk_clips=1",
-               *[f"--set={item}" for item in settings(small_demo, killed)[:-3]]]
-    helpers.kill_after_chunks(command, killed, 3, 48)  # both teachers: 48 chunks of one clip
+    command = [sys.executable, "-m", "kdpipe", "extract-teachers",
+               *[f"--set={item}" for item in settings(small_demo, killed, "extract.chunk_clips=2")]]
+    helpers.kill_after_chunks(command, killed, 3, 32)  # both teachers: 32 chunks of two clips
     helpers.resume_and_run_clean(command, killed, clean)
     a = zarr.open_group(next(killed.glob("extract-teachers/*/teachers.zarr")), mode="r")
     b = zarr.open_group(next(clean.glob("extract-teachers/*/teachers.zarr")), mode="r")
