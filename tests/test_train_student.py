@@ -160,8 +160,7 @@ def test_no_kd_baseline_needs_no_teachers(small_demo, prepared, tmp_path):
 
 
 def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, student_upstream, tmp_path):
-    """A real `kdpipe train-student` killed after an epoch continues where it stopped, metrics unchanged.
-    Only the killed run is a process of its own; the rerun and the uninterrupted run are the CLI in-process."""
+    """A real `kdpipe train-student` killed after an epoch continues where it stopped, metrics unchanged."""
     for cache in ("killed", "clean"):  # the upstream stages, built once for the session
         helpers.copy_cache(student_upstream, tmp_path / cache)
     common = ["student.epochs=4", "student.epoch_samples=24", "student.batch_size=2"]
@@ -181,10 +180,12 @@ def test_kill_9_then_rerun_resumes_with_identical_metrics(small_demo, student_up
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert metrics is not None, "no epoch finished before the deadline"
-    resumed = CliRunner().invoke(app, command(tmp_path / "killed")[3:])  # after `python -m kdpipe`
-    assert resumed.exit_code == 0, resumed.output
-    assert "resuming after epoch" in resumed.output
-    helpers.invoke(*command(tmp_path / "clean")[3:])
+    # the rerun and the uninterrupted run are processes too: in the test process, state left by other tests
+    # changed the validation figures of a whole run (seen in the full suite, never alone)
+    resumed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True, env=threads)
+    assert resumed.returncode == 0 and "resuming after epoch" in resumed.stderr, resumed.stderr
+    clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, env=threads)
+    assert clean.returncode == 0, clean.stderr
 
     def read(cache):
         folder = next(cache.glob("train-student/*/metrics.jsonl")).parent
