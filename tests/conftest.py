@@ -1,5 +1,6 @@
 """Shared fixtures: small generated datasets, a tiny trained run, and the official AudioSet metadata."""
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from kdpipe.stages import build_stages
 from helpers import STUDENT_RUN, copy_cache, make, settings
 
 AUDIOSET_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "audioset"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one core's share: torch (and every process a test starts) runs one
+    thread, so two workers on two cores do not oversubscribe them (spinning OpenMP threads slow both)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
