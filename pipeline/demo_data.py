@@ -304,7 +304,7 @@ def complete_labels(clip_ids: np.ndarray, seed: int = 0) -> np.ndarray:
     return complete
 
 
-DEMO_SPLITS = {"n_train": 240, "n_eval": 400, "n_val": 80}
+DEMO_SPLITS = {"n_train": 240, "n_eval": 400, "n_val": 48}
 """The demo's clips per split: `val` chooses checkpoints (teacher_training.keep / student.keep: best), `eval` scores."""
 
 
