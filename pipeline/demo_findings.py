@@ -68,7 +68,7 @@ def kd_finding(kd: Scores, baseline: Scores) -> Finding:
     differences = tuple(a - b for a, b in zip(kd.mAP, baseline.mAP))
     mean, n = float(np.mean(differences)), len(differences)
     spread = f"per seed {', '.join(f'{d:+.3f}' for d in differences)}"
-    seeds = f"all {n} seeds" if n > 1 else "its one seed (--seeds 3 tells an effect from noise)"
+    seeds = f"all {n} seeds" if n > 1 else "its one seed"
     if all(d > 0 for d in differences):
         text = f"KD beat no KD on {seeds}: {mean:+.3f} mAP on average ({spread})."
     elif all(d < 0 for d in differences):
@@ -76,6 +76,8 @@ def kd_finding(kd: Scores, baseline: Scores) -> Finding:
     else:
         text = (f"No consistent effect of KD over {n} seeds: {mean:+.3f} mAP on average ({spread}); "
                 "the seeds disagree on its sign.")
+    if n < 3:
+        text += f" {n} seed{'s are' if n > 1 else ' is'} too few to tell an effect from seed noise: run --seeds 3."
     return Finding(differences, text)
 
 

@@ -35,4 +35,6 @@ def test_the_finding_states_the_sign_only_when_every_seed_agrees():
     assert mixed.text.startswith("No consistent effect of KD over 3 seeds") and "+0.050, -0.060, +0.010" in mixed.text
     assert spread((0.70, 0.72, 0.71)) == "0.7100 ± 0.0100"
     one = kd_finding(Scores(Variant("kd", ()), (0,), (0.7,)), Scores(Variant("base", ()), (0,), (0.6,)))
-    assert one.text.startswith("KD beat no KD on its one seed (--seeds 3 tells an effect from noise): +0.100")
+    assert one.text.startswith("KD beat no KD on its one seed: +0.100")
+    assert one.text.endswith("1 seed is too few to tell an effect from seed noise: run --seeds 3.")
+    assert "too few" not in win.text
