@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from kdpipe import stage_names
 from kdpipe.config import TeacherConfig
-from kdpipe.errors import KdpipeError
 from kdpipe.models import create_model, load_checkpoint
 from kdpipe.training import MODEL
 
@@ -37,7 +35,7 @@ def checkpoint_paths(teacher: TeacherConfig, upstream: dict[str, Path]) -> tuple
     folder = upstream[stage_names.train_teacher(teacher.label)]
     if not (folder / UNSEEN).is_file():
         return (folder / MODEL,)
-    folds = len(sorted(folder.glob("fold*/" + MODEL)))
+    folds = sum(1 for _ in folder.glob("fold*/" + MODEL))
     return tuple(folder / fold_dir(f) / MODEL for f in range(folds))
 
 
@@ -74,14 +72,6 @@ def load_teacher(arch: str, checkpoints: tuple[Path, ...], options: dict) -> nn.
     """A teacher's network from its checkpoint(s), strictly: one model, or CrossFitted for several."""
     members = [create_model(arch, checkpoint=path, **options) for path in checkpoints]
     return members[0] if len(members) == 1 else CrossFitted(members)
-
-
-def read_unseen(path: Path, n_rows: int) -> np.ndarray:
-    """`unseen_fold.npy`, checked against the store it labels."""
-    unseen = np.load(path, allow_pickle=False)
-    if unseen.shape != (n_rows,):
-        raise KdpipeError(f"{path}: {unseen.shape[0]} rows, the store has {n_rows}; rebuild the teacher")
-    return unseen
 
 
 def build_teacher(teacher: TeacherConfig, num_classes: int) -> nn.Module:

@@ -77,7 +77,6 @@ class Mixup:
 
 
 @torch.inference_mode()
-@torch.inference_mode()  # no autograd graph for scores (validation inside fit ran with one before)
 def predict(model: nn.Module, frontend: nn.Module, loader: BatchLoader, rows: np.ndarray, batch_size: int,
             device: torch.device, description: str = "predicting") -> np.ndarray:
     """Logits (len(rows), classes) in the order of `rows` ((len(rows), members, classes) for a group).

@@ -240,12 +240,13 @@ def _label_evidence(pipeline: Pipeline, missing_labels: float, evaluated: Path) 
 
     store = WaveformStore.open(pipeline.built(stage_names.PREPARE) / STORE_FILE)
     complete = complete_labels(store.column("clip_id"), pipeline.config.seed)
-    labels = store.column("labels").astype(bool)[store.rows("train")]
-    missed = int((complete[store.rows("train")] & ~labels).sum())
+    train = store.rows("train")
+    labels, events = store.column("labels").astype(bool)[train], complete[train]
+    missed = int((events & ~labels).sum())
     table = Table("teacher", "labelled events", "unlabelled events", "of those > 0.5", "absent classes",
                   f"{pipeline.config.evaluation.split} calibration error",
                   title=f"Teachers' mean probability on the train clips: {missed} of "
-                        f"{int(complete[store.rows('train')].sum())} events are unlabelled (--missing-labels "
+                        f"{int(events.sum())} events are unlabelled (--missing-labels "
                         f"{missing_labels:g})")
     for row in teacher_evidence(store, CombinedLogits.in_folder(pipeline.built(stage_names.ENSEMBLE)), complete,
                                 pipeline.config.evaluation.split):
@@ -253,7 +254,6 @@ def _label_evidence(pipeline: Pipeline, missing_labels: float, evaluated: Path) 
                       f"{row.absent:.3f}", f"{row.eval_ece:.3f}")
     with open(evaluated / "per_class_ap.csv", newline="") as handle:
         per_class = list(csv.DictReader(handle))
-    events = complete[store.rows("train")]
     columns = [c for c in ("ap_ensemble", "ap_student_kd", "ap_student_no_kd") if c in per_class[0]]
     classes = Table("class", "train events unlabelled", *(c.removeprefix("ap_").replace("_", " ") for c in columns),
                     title=f"Per-class {pipeline.config.evaluation.split} AP")
