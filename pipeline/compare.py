@@ -80,7 +80,7 @@ def evaluation_map(pipeline: Pipeline, student_dir: Path) -> float:
     frontend = build_frontend(model.frontend_config, store.sample_rate).to(device)
     logits = training.predict(model, frontend, BatchLoader(store_path), rows, config.evaluation.batch_size, device,
                               f"scoring on {config.evaluation.split}")
-    return float(tagging_metrics(store.column("labels")[rows].astype(bool), logits)["mAP"])
+    return float(tagging_metrics(store.labels(rows), logits)["mAP"])
 
 
 def write_comparison(results: list[Scores], out_dir: Path, split: str) -> Path:

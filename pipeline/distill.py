@@ -28,21 +28,9 @@ import torch.nn.functional as F
 
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
-from kdpipe.logits_store import CombinedLogits
+from kdpipe.logits_store import CombinedLogits, row_blocks
 from kdpipe.training import LossFn, Mixup
 from kdpipe.views import apply_views, view_params
-
-
-def _on_device(logits: np.ndarray, n_clips: int, temperature: float, device: torch.device, source: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigmoid(logits / T) per row on the device, and which rows have a teacher (finite logits)."""
-    if logits.shape[0] != n_clips:
-        raise KdpipeError(f"{source}: teacher logits have {logits.shape[0]} rows, the store {n_clips}")
-    logits = logits.astype(np.float32)
-    present = np.isfinite(logits).all(axis=1)
-    probabilities = 1.0 / (1.0 + np.exp(-np.nan_to_num(logits) / temperature))
-    return (torch.from_numpy(probabilities).to(device),
-            torch.from_numpy(present.astype(np.float32)).to(device))
 
 
 def confident_classes(combined: CombinedLogits, threshold: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -60,11 +48,30 @@ def confident_classes(combined: CombinedLogits, threshold: float) -> Callable[[n
 
 
 class Targets:
-    """The ensemble's targets on clean clips, the same every epoch: what the KD loss reads by store row."""
+    """The ensemble's targets on clean clips, the same every epoch: what the KD loss reads by store row.
+
+    `probabilities` (N, C) float32 and `present` (N,) live on the device, filled a block of rows at a time
+    from the store: the host never holds more than a block (AudioSet's 2 M clips x 527 classes are
+    4.2 GB on the device, 35 MB a block on the host).
+    """
 
     def __init__(self, combined: CombinedLogits, n_clips: int, temperature: float, device: torch.device):
-        self.probabilities, self.present = _on_device(combined.read(), n_clips, temperature, device,
-                                                      str(combined.path))
+        self._allocate(combined, n_clips, device)
+        self._fill(lambda start, stop: combined.read(start=start, stop=stop), temperature)
+
+    def _allocate(self, combined: CombinedLogits, n_clips: int, device: torch.device) -> None:
+        if combined.n_clips != n_clips:
+            raise KdpipeError(f"{combined.path}: teacher logits have {combined.n_clips} rows, the store {n_clips}")
+        self.combined = combined
+        self.probabilities = torch.empty((n_clips, combined.n_classes), dtype=torch.float32, device=device)
+        self.present = torch.empty(n_clips, dtype=torch.float32, device=device)
+
+    def _fill(self, logits_of: Callable[[int, int], np.ndarray], temperature: float) -> None:
+        """sigmoid(logits / T) of every row into `probabilities` (in place), and which rows have a teacher."""
+        for start, stop in row_blocks(len(self.present)):
+            block = torch.from_numpy(logits_of(start, stop)).to(self.probabilities.device, torch.float32)
+            self.present[start:stop] = torch.isfinite(block).all(dim=1)
+            self.probabilities[start:stop] = torch.sigmoid(block.nan_to_num_(0.0).div_(temperature))
 
     def start_epoch(self, epoch: int) -> None:
         """Clean targets do not change between epochs."""
@@ -77,15 +84,15 @@ class Targets:
 class ViewTargets(Targets):
     """Consistent teaching: at epoch e, view e mod K of every clip and the ensemble's target for that view.
 
-    Only one view's targets sit on the device at a time ((N, C) float32: 4.2 GB for AudioSet's 2 M
-    clips), read from the store at the start of each epoch (one view's chunks only).
+    Only one view's targets sit on the device at a time, overwritten in place at a view change and read
+    from the store a block of rows at a time (one view's chunks only).
     """
 
     def __init__(self, combined: CombinedLogits, config: Config, n_clips: int, sample_rate: int,
                  clip_samples: int, device: torch.device):
         if not combined.n_views:
             raise KdpipeError(f"{combined.path} has no views: set extract.views > 0, or student.kd.views: false")
-        self.combined, self.n_clips, self.device = combined, n_clips, device
+        self._allocate(combined, n_clips, device)  # filled by start_epoch
         self.temperature, self.fill = config.student.kd.temperature, config.student.kd.topk_fill
         self.augment_settings, self.view_seed = config.extract.augment.settings(), config.extract.view_seed
         self.sample_rate, self.clip_samples = sample_rate, clip_samples
@@ -96,9 +103,8 @@ class ViewTargets(Targets):
         if view != self.view:
             self.view = view
             # tempered before the fill (kdpipe.topk), so the classes not kept get the fill's probability at any T
-            tempered = self.combined.read_view(view, self.fill, self.temperature)
-            self.probabilities, self.present = _on_device(tempered, self.n_clips, 1.0, self.device,
-                                                          str(self.combined.path))
+            self._fill(lambda start, stop: self.combined.read_view(view, self.fill, self.temperature, start, stop),
+                       1.0)
 
     def augment(self, waves: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """This epoch's view of each clip, bit-identical to what the teachers heard on this device type."""

@@ -2,22 +2,29 @@
 
 Per teacher (`logits.zarr`, the unit of caching and resume):
   logits (N, C) float16|float32, NaN fill: a row never written reads as NaN
-  views  (N, K, C) the same, for the K augmented views of each clip (extract.views > 0 only;
-         chunked one view at a time, so a training epoch reads only its view)
+  views  (N, K, C) the same, for the K augmented views of each clip (extract.views > 0), or
+  views_topk/values (N, K, k)   each view's k largest logits (extract.topk = k < C; kdpipe.topk)
+  views_topk/indexes (N, K, k)  and their int16 class indexes; chunked one view at a time, so a
+                                training epoch reads only its view
   done   (chunks,) bool: chunks completely written (logits and views), set after their data
 Combined (`teachers.zarr`, what stage two reads):
-  clip_id (N,) str                       aligned with the waveform store
-  teachers/<name>/logits (N, C)          copied from each teacher's store
-  ensemble/logits (N, C)                 weighted mean of the teachers
-  ensemble/views (N, K, C)               the same for each view (views only; every class), or
-  ensemble/views_topk/values (N, K, k)   the view's k largest ensemble logits (extract.topk > 0),
-  ensemble/views_topk/indexes (N, K, k)  and their int16 class indexes (kdpipe.topk)
+  clip_id (N,) str                        aligned with the waveform store
+  teachers/<name>/...                     each teacher's arrays, hard links to its store's chunk files
+                                          (a copy only across file systems): no second copy on disk
+  ensemble/logits (N, C)                  weighted mean of the teachers' clean logits
+A view's ensemble target is computed when it is read (`CombinedLogits.read_view`), from every teacher's
+stored view, in blocks of rows. Why views are stored per teacher as top-k, and what that costs the
+ensemble, is README's "Views at AudioSet scale": a teacher's full views are 84 GB at AudioSet's
+2 M clips and K = 40, its top-20 6.4 GB, and adding a teacher computes that teacher alone.
 Rows are the waveform store's rows, so no lookup by id is ever needed inside
 kdpipe; `clip_id` is there for export and for humans.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +33,53 @@ import zarr
 
 from kdpipe.errors import KdpipeError
 from kdpipe.integrity import array_settings, check_written, read_rows
-from kdpipe.topk import INDEX_DTYPE, Fill, expand_topk, keep_topk
+from kdpipe.topk import INDEX_DTYPE, Fill, expand_topk, fill_unkept, keep_topk, kept_mask
 from kdpipe.zarr_groups import create_done_flags, open_group
 
-TEACHER_FORMAT = "kdpipe.teacher-logits/1"
-COMBINED_FORMAT = "kdpipe.teachers/1"
+TEACHER_FORMAT = "kdpipe.teacher-logits/2"
+COMBINED_FORMAT = "kdpipe.teachers/2"
 TEACHER_FILE = "logits.zarr"  # in each extract/<name> output
 COMBINED_FILE = "teachers.zarr"  # in the extract-teachers output
+TOPK_VALUES, TOPK_INDEXES = "views_topk/values", "views_topk/indexes"
+BLOCK_ROWS = 16384
+"""Rows per block when a whole (N, C) array is streamed: (16384, 527) float32 temporaries are 35 MB."""
+
+
+def row_blocks(n_rows: int, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive blocks of rows."""
+    for start in range(0, n_rows, block):
+        yield start, min(start + block, n_rows)
+
+
+class TeacherViews:
+    """A teacher's stored views, whole or top-k (read-only; shared by the teacher's and the combined store)."""
+
+    def __init__(self, group: zarr.Group, path: Path):
+        self.path = path
+        self.whole: zarr.Array | None = group["views"] if "views" in group else None
+        self.topk: tuple[zarr.Array, zarr.Array] | None = (
+            (group[TOPK_VALUES], group[TOPK_INDEXES]) if TOPK_VALUES in group else None)
+
+    @property
+    def n_views(self) -> int:
+        arrays = (self.whole,) if self.whole is not None else self.topk or ()
+        return arrays[0].shape[1] if arrays else 0
+
+    def kept(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The top-k values and class indexes of view `view` of rows start:stop (None: stored whole)."""
+        if self.topk is None:
+            return None
+        values, indexes = self.topk
+        return (read_rows(values, self.path, start, stop, column=view),
+                read_rows(indexes, self.path, start, stop, column=view))
+
+    def dense(self, view: int, start: int, stop: int, n_classes: int, fill: Fill) -> np.ndarray:
+        """(rows, C) float32 logits of view `view` of rows start:stop; from top-k, `fill` elsewhere."""
+        kept = self.kept(view, start, stop)
+        if kept is None:
+            assert self.whole is not None, f"{self.path} has no views"
+            return read_rows(self.whole, self.path, start, stop, column=view).astype(np.float32)
+        return expand_topk(*kept, n_classes, fill)
 
 
 class TeacherLogits:
@@ -42,28 +89,37 @@ class TeacherLogits:
         self.group = group
         self.path = path
         self.logits: zarr.Array = group["logits"]
-        self.views: zarr.Array | None = group["views"] if "views" in group else None
+        self.views = TeacherViews(group, path)
         self.chunk_clips: int = self.logits.chunks[0]
 
     @classmethod
     def create(cls, path: Path, n_clips: int, n_classes: int, chunk_clips: int, dtype: str,
-               attributes: dict[str, Any], views: int = 0) -> TeacherLogits:
+               attributes: dict[str, Any], views: int = 0, topk: int = 0) -> TeacherLogits:
+        """A store for `views` views per clip besides the clean clip, each kept whole or, with
+        0 < `topk` < `n_classes`, as its top-k."""
         chunk_clips = max(1, min(chunk_clips, n_clips))
-        arrays = ["logits", "views"] if views else ["logits"]
-        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT, "unit_arrays": arrays,
-                                                             **attributes})
+        by_topk = views and 0 < topk < n_classes
+        view_arrays = [TOPK_VALUES, TOPK_INDEXES] if by_topk else ["views"] if views else []
+        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT,
+                                                             "unit_arrays": ["logits", *view_arrays], **attributes})
         group.create_array("logits", shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk_clips, n_classes),
                            fill_value=np.nan, dimension_names=("clip", "class"), **array_settings())
-        if views:
-            group.create_array("views", shape=(n_clips, views, n_classes), dtype=dtype,
-                               chunks=(chunk_clips, 1, n_classes), fill_value=np.nan,
-                               dimension_names=("clip", "view", "class"), **array_settings())
+        names = ("clip", "view", "rank" if by_topk else "class")
+        shape, chunks = (n_clips, views, topk if by_topk else n_classes), (chunk_clips, 1, topk if by_topk else n_classes)
+        if by_topk:
+            group.create_array(TOPK_VALUES, shape=shape, dtype=dtype, chunks=chunks, fill_value=np.nan,
+                               dimension_names=names, **array_settings())
+            group.create_array(TOPK_INDEXES, shape=shape, dtype=INDEX_DTYPE, chunks=chunks, fill_value=-1,
+                               dimension_names=names, **array_settings())
+        elif views:
+            group.create_array("views", shape=shape, dtype=dtype, chunks=chunks, fill_value=np.nan,
+                               dimension_names=names, **array_settings())
         create_done_flags(group, -(-n_clips // chunk_clips))
         return cls(group, path)
 
     @property
     def n_views(self) -> int:
-        return 0 if self.views is None else self.views.shape[1]
+        return self.views.n_views
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> TeacherLogits:
@@ -77,10 +133,9 @@ class TeacherLogits:
         """Rows start:stop (all by default), checksum-verified."""
         return read_rows(self.logits, self.path, start, stop)
 
-    def read_views(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """(rows, K, C) view logits of rows start:stop, checksum-verified."""
-        assert self.views is not None, "this teacher was extracted without views"
-        return read_rows(self.views, self.path, start, stop)
+    def read_at(self, rows: np.ndarray) -> np.ndarray:
+        """The logits of sorted store `rows` alone, checksum-verified."""
+        return read_rows(self.logits, self.path, rows=rows)
 
     @property
     def n_chunks(self) -> int:
@@ -91,13 +146,19 @@ class TeacherLogits:
         return range(start, min(start + self.chunk_clips, self.logits.shape[0]))
 
     def write_chunk(self, chunk: int, logits: np.ndarray, views: np.ndarray | None = None) -> None:
-        """Write one whole chunk, and its views when the store has them (rows without audio stay NaN);
-        the caller is its only writer."""
+        """Write one whole chunk: its (rows, C) logits and, when the store has views, its (rows, K, C) view
+        logits, whole or as each view's top-k (rows without audio stay NaN); the caller is its only writer."""
         rows = self.chunk_rows(chunk)
-        self.logits[rows.start:rows.stop] = logits
-        if self.views is not None:
-            assert views is not None, "a store with views needs every chunk's views"
-            self.views[rows.start:rows.stop] = views
+        region = slice(rows.start, rows.stop)
+        self.logits[region] = logits
+        if not self.n_views:
+            return
+        assert views is not None, "a store with views needs every chunk's views"
+        if self.views.topk is None:
+            self.group["views"][region] = views
+            return
+        values, indexes = keep_topk(views, self.views.topk[0].shape[2], self.logits.dtype)
+        self.group[TOPK_VALUES][region], self.group[TOPK_INDEXES][region] = values, indexes
 
     def mark_done(self, chunk: int) -> None:
         self.group["done"][chunk] = True
@@ -106,11 +167,26 @@ class TeacherLogits:
         return self.group["done"][:]
 
 
+def link_array(source: Path, target: Path) -> None:
+    """A copy of the Zarr array at `source` whose chunk files are hard links (copies across file systems);
+    its metadata is a file of its own, so attributes set on the copy stay there."""
+    for folder, _dirs, files in os.walk(source):
+        into = target / Path(folder).relative_to(source)
+        into.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name == "zarr.json":
+                shutil.copyfile(Path(folder) / name, into / name)
+                continue
+            try:
+                os.link(Path(folder) / name, into / name)
+            except OSError:
+                shutil.copyfile(Path(folder) / name, into / name)
+
+
 def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, TeacherLogits], weights: dict[str, float],
-                   ensemble: str, dtype: str, attributes: dict[str, Any], expected: dict[str, np.ndarray],
-                   topk: int = 0) -> None:
-    """Copy each teacher's logits and add their weighted ensemble (mean of logits or of probabilities);
-    with views, the ensemble of each view too, whole or as its top-k (`topk` > 0).
+                   ensemble: str, dtype: str, attributes: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    """Link each teacher's arrays in and write the weighted ensemble of their clean logits (mean of logits or
+    of probabilities). Views are linked as stored; their ensemble is computed when read.
 
     `expected[name]` marks the rows that must have that teacher's logits (decoded clips; for imported
     logits, none): a NaN there is an error, never "no teacher", so a lost chunk cannot turn into
@@ -119,54 +195,30 @@ def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, Teacher
     first = next(iter(teachers.values())).logits
     n_clips, n_classes = first.shape
     chunk = first.chunks[0]
-    group = zarr.open_group(path, mode="w", attributes={"format": COMBINED_FORMAT, **attributes})
-    group.create_array("clip_id", shape=(n_clips,), dtype=str, chunks=(chunk,), **array_settings())[:] = clip_ids
-    spec = dict(shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk, n_classes), fill_value=np.nan,
-                dimension_names=("clip", "class"), **array_settings())
-    copies = {name: group.create_array(f"teachers/{name}/logits", attributes=dict(store.group.attrs), **spec)
-              for name, store in teachers.items()}
-    mean = group.create_array("ensemble/logits", attributes={"weights": weights, "mode": ensemble}, **spec)
     n_views = {store.n_views for store in teachers.values()}
     if len(n_views) != 1:
         raise KdpipeError(f"the teachers were extracted with different numbers of views ({sorted(n_views)})")
-    views = _view_arrays(group, n_clips, n_views.pop(), n_classes, chunk, dtype, topk)
+    group = zarr.open_group(path, mode="w", attributes={"format": COMBINED_FORMAT, "views": n_views.pop(),
+                                                         **attributes})
+    group.create_array("clip_id", shape=(n_clips,), dtype=str, chunks=(chunk,), **array_settings())[:] = clip_ids
+    for name, store in teachers.items():
+        group.require_group(f"teachers/{name}")
+        arrays = [member for member, value in store.group.members(max_depth=None)
+                  if isinstance(value, zarr.Array) and member != "done"]
+        for member in arrays:
+            if "/" in member:
+                group.require_group(f"teachers/{name}/{member.rsplit('/', 1)[0]}")
+            link_array(store.path / member, path / "teachers" / name / member)
+        group[f"teachers/{name}/logits"].attrs.update(dict(store.group.attrs))
+    mean = group.create_array("ensemble/logits", shape=(n_clips, n_classes), dtype=dtype,
+                              chunks=(chunk, n_classes), fill_value=np.nan, dimension_names=("clip", "class"),
+                              attributes={"weights": weights, "mode": ensemble}, **array_settings())
     total = sum(weights.values())
-    for start in range(0, n_clips, chunk):
-        block = {name: store.read(start, start + chunk).astype(np.float32) for name, store in teachers.items()}
+    for start, stop in row_blocks(n_clips, chunk):
+        block = {name: store.read(start, stop).astype(np.float32) for name, store in teachers.items()}
         for name, values in block.items():
-            _check_present(values, expected[name][start:start + chunk], start, teachers[name].path, name)
-            copies[name][start:start + chunk] = values
-        mean[start:start + chunk] = ensemble_of(block, weights, ensemble, total)
-        if views is None:
-            continue
-        view_block = {name: store.read_views(start, start + chunk).astype(np.float32)
-                      for name, store in teachers.items()}
-        for name, values in view_block.items():
-            _check_present(values.reshape(len(values), -1), expected[name][start:start + chunk], start,
-                           teachers[name].path, name)
-        combined = ensemble_of(view_block, weights, ensemble, total)
-        if topk:
-            values, indexes = keep_topk(combined, topk, dtype)
-            views[0][start:start + chunk], views[1][start:start + chunk] = values, indexes
-        else:
-            views[0][start:start + chunk] = combined
-
-
-def _view_arrays(group: zarr.Group, n_clips: int, n_views: int, n_classes: int, chunk: int, dtype: str,
-                 topk: int) -> tuple[zarr.Array, ...] | None:
-    """The ensemble's view arrays: (views,) whole, (values, indexes) as top-k, or None without views."""
-    if not n_views:
-        return None
-    if not topk or topk >= n_classes:
-        return (group.create_array("ensemble/views", shape=(n_clips, n_views, n_classes), dtype=dtype,
-                                   chunks=(chunk, 1, n_classes), fill_value=np.nan,
-                                   dimension_names=("clip", "view", "class"), **array_settings()),)
-    shape, chunks = (n_clips, n_views, topk), (chunk, 1, topk)
-    names = ("clip", "view", "rank")
-    return (group.create_array("ensemble/views_topk/values", shape=shape, dtype=dtype, chunks=chunks,
-                               fill_value=np.nan, dimension_names=names, **array_settings()),
-            group.create_array("ensemble/views_topk/indexes", shape=shape, dtype=INDEX_DTYPE, chunks=chunks,
-                               fill_value=-1, dimension_names=names, **array_settings()))
+            _check_present(values, expected[name][start:stop], start, teachers[name].path, name)
+        mean[start:stop] = ensemble_of(block, weights, ensemble, total)
 
 
 def _check_present(values: np.ndarray, expected: np.ndarray, start: int, store: Path, name: str) -> None:
@@ -195,6 +247,14 @@ class CombinedLogits:
     def teachers(self) -> list[str]:
         return sorted(self.group["teachers"].group_keys())
 
+    @property
+    def n_clips(self) -> int:
+        return self.group["ensemble/logits"].shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.group["ensemble/logits"].shape[1]
+
     def array(self, teacher: str | None = None) -> zarr.Array:
         """The ensemble's logits (teacher None) or one teacher's; an unknown name is an error naming the others."""
         if teacher is None:
@@ -203,9 +263,10 @@ class CombinedLogits:
             raise KdpipeError(f"no teacher named {teacher!r}; teachers: {', '.join(self.teachers)}")
         return self.group[f"teachers/{teacher}/logits"]
 
-    def read(self, teacher: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
-        """Logits of every row, or of `rows` (sorted store rows), as stored."""
-        return read_rows(self.array(teacher), self.path, rows=rows)
+    def read(self, teacher: str | None = None, rows: np.ndarray | None = None, start: int = 0,
+             stop: int | None = None) -> np.ndarray:
+        """Logits of rows start:stop (every row by default), or of `rows` (sorted store rows), as stored."""
+        return read_rows(self.array(teacher), self.path, start, stop, rows=rows)
 
     def attributes(self, teacher: str) -> dict[str, Any]:
         """What the teacher's extraction recorded (checkpoint, device, precision, metrics)."""
@@ -217,24 +278,34 @@ class CombinedLogits:
     @property
     def n_views(self) -> int:
         """K, the augmented views per clip the ensemble has targets for (0: clean clips only)."""
-        if "ensemble/views" in self.group:
-            return self.group["ensemble/views"].shape[1]
-        if "ensemble/views_topk" in self.group:
-            return self.group["ensemble/views_topk/values"].shape[1]
-        return 0
+        return int(self.group.attrs["views"])
 
-    def read_view(self, view: int, fill: Fill = "zero", temperature: float = 1.0) -> np.ndarray:
-        """(N, C) float32 ensemble logits of view `view` of every clip, divided by `temperature`; from top-k
-        storage the classes not kept follow `fill` applied after that division (kdpipe.topk). Only that
-        view's chunks are read."""
+    def read_view(self, view: int, fill: Fill = "zero", temperature: float = 1.0, start: int = 0,
+                  stop: int | None = None) -> np.ndarray:
+        """(rows, C) float32 ensemble logits of view `view` of rows start:stop, divided by `temperature`.
+
+        Each teacher's view comes from its store, whole or top-k. In the ensemble, a class a teacher did not
+        keep counts at the smallest logit that teacher kept, an upper bound on its true value; a class no
+        teacher kept follows `fill`, applied after the division (kdpipe.topk), so it keeps the fill's
+        probability at any T. With one teacher this is that teacher's top-k exactly. Only that view's
+        chunks of those rows are read.
+        """
         if not 0 <= view < self.n_views:
             raise KdpipeError(f"{self.path}: no view {view}; the ensemble has {self.n_views} views")
-        if "ensemble/views" in self.group:
-            logits = read_rows(self.group["ensemble/views"], self.path, column=view).astype(np.float32)
-            return logits / np.float32(temperature) if temperature != 1.0 else logits
-        values = read_rows(self.group["ensemble/views_topk/values"], self.path, column=view)
-        indexes = read_rows(self.group["ensemble/views_topk/indexes"], self.path, column=view)
-        return expand_topk(values, indexes, self.group["ensemble/logits"].shape[1], fill, temperature)
+        stop = self.n_clips if stop is None else stop
+        mean = self.group["ensemble/logits"].attrs
+        weights, mode = mean["weights"], mean["mode"]
+        views = {name: TeacherViews(self.group[f"teachers/{name}"], self.path) for name in weights}
+        kept = {name: teacher.kept(view, start, stop) for name, teacher in views.items()}
+        dense = {name: (expand_topk(*kept[name], self.n_classes, "min") if kept[name] is not None else
+                        teacher.dense(view, start, stop, self.n_classes, fill))
+                 for name, teacher in views.items()}
+        logits = ensemble_of(dense, weights, mode, sum(weights.values())).astype(np.float32)
+        if temperature != 1.0:
+            logits /= np.float32(temperature)
+        if any(part is None for part in kept.values()):
+            return logits  # a teacher stored every class: nothing was left out
+        return fill_unkept(logits, kept_mask([index for _values, index in kept.values()], self.n_classes), fill)
 
 
 def ensemble_of(block: dict[str, np.ndarray], weights: dict[str, float], mode: str, total: float) -> np.ndarray:

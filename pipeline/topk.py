@@ -107,25 +107,49 @@ def expand_topk(values: np.ndarray, indexes: np.ndarray, n_classes: int, fill: F
     if kept.size and (kept.min() < 0 or kept.max() >= n_classes):
         raise ValueError(f"class indexes must be in [0, {n_classes})")
 
-    smallest = values.min(axis=-1).astype(np.float64)
-    spread = n_classes - k
-    if fill == "zero":
-        fill_value = np.minimum(smallest, ABSENT_LOGIT)
-    elif fill == "last_mean" and spread > 1:
-        # logit(sigmoid(m) / D) = log sigmoid(m) - log(D - sigmoid(m)), stable for any m
-        log_sigmoid = -np.logaddexp(0.0, -smallest)
-        fill_value = log_sigmoid - np.log(spread - np.exp(log_sigmoid))
-    elif fill in ("last_mean", "min"):  # last_mean with D = 1 is m itself; with k = C nothing is filled
-        fill_value = smallest
-    else:
-        raise ValueError(f"unknown fill rule {fill!r}; one of zero, last_mean, min")
-
     out = np.empty(values.shape[:-1] + (n_classes,), dtype=np.float32)
-    out[...] = fill_value[..., None]
+    out[...] = _fill_value(values.min(axis=-1), n_classes - k, fill)[..., None]
     targets = np.where(present[..., None], indexes, np.arange(k)).astype(np.intp)
     np.put_along_axis(out, targets, values, axis=-1)
     out[~present] = np.nan
     return out
+
+
+def kept_mask(indexes: list[np.ndarray], n_classes: int) -> np.ndarray:
+    """(..., C) bool: the classes any of several top-k index arrays (..., k) kept (-1, an absent row: none)."""
+    kept = np.zeros(indexes[0].shape[:-1] + (n_classes + 1,), dtype=bool)  # the last column takes the -1s
+    for index in indexes:
+        np.put_along_axis(kept, np.where(index < 0, n_classes, index).astype(np.intp), True, axis=-1)
+    return kept[..., :n_classes]
+
+
+def fill_unkept(logits: np.ndarray, kept: np.ndarray, fill: Fill = "zero") -> np.ndarray:
+    """`logits` (..., C) with the classes not `kept` set by `fill`'s rule on each row's kept values, in place:
+    for an ensemble of top-k teachers, where each row keeps the union of the teachers' classes. A row with
+    a non-finite logit is absent and stays NaN."""
+    absent = ~np.isfinite(logits).all(axis=-1)
+    smallest = np.where(kept, logits, np.inf).min(axis=-1)
+    with np.errstate(invalid="ignore"):
+        value = _fill_value(smallest, kept.shape[-1] - kept.sum(axis=-1), fill).astype(np.float32)
+    np.copyto(logits, np.broadcast_to(value[..., None], logits.shape), where=~kept)
+    logits[absent] = np.nan
+    return logits
+
+
+def _fill_value(smallest: np.ndarray, spread: np.ndarray | int, fill: Fill) -> np.ndarray:
+    """The logit `fill` gives every class not kept, from the smallest kept logit and how many were not kept."""
+    smallest = np.asarray(smallest, dtype=np.float64)
+    if fill == "zero":
+        return np.minimum(smallest, ABSENT_LOGIT)
+    if fill == "min":
+        return smallest
+    if fill != "last_mean":
+        raise ValueError(f"unknown fill rule {fill!r}; one of zero, last_mean, min")
+    # logit(sigmoid(m) / D) = log sigmoid(m) - log(D - sigmoid(m)), stable for any m; with D <= 1, m itself
+    log_sigmoid = -np.logaddexp(0.0, -smallest)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spread_mean = log_sigmoid - np.log(np.maximum(spread, 1) - np.exp(log_sigmoid))
+    return np.where(np.asarray(spread) > 1, spread_mean, smallest)
 
 
 def storage_per_clip(views: int, classes: int, k: int, dtype: np.dtype | type | str = np.float16) -> Storage:

@@ -138,6 +138,10 @@ def weighted_epochs(train_rows: np.ndarray, weights: np.ndarray, clips_per_epoch
     return epoch_batches
 
 
+HEARD_ROWS = 65536
+"""Unlabelled rows whose confident classes are read at a time."""
+
+
 def sampling_weights(store: WaveformStore, train_rows: np.ndarray, balanced: bool,
                      heard: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Each train row's weight in the draw: EfficientAT's class-balanced weight, or 1 without balancing.
@@ -156,7 +160,10 @@ def sampling_weights(store: WaveformStore, train_rows: np.ndarray, balanced: boo
     weights = class_balanced_weights(labels, train_rows, per_class)
     if unlabelled.any():
         assert heard is not None, "unlabelled clips are drawn by the classes the teachers hear in them"
-        weights[unlabelled] = class_balanced_weights(heard(train_rows[unlabelled]), None, per_class)
+        positions = np.flatnonzero(unlabelled)
+        for start in range(0, len(positions), HEARD_ROWS):  # (HEARD_ROWS, C) at a time, not (unlabelled, C)
+            block = positions[start:start + HEARD_ROWS]
+            weights[block] = class_balanced_weights(heard(train_rows[block]), None, per_class)
     return weights
 
 
@@ -217,7 +224,7 @@ def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Opt
         features = mixup.mix(features)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = clip_forward(model, features, max_frames)  # windows for clips longer than the model takes
-    loss = loss_fn(logits.float(), rows, labels[rows], mixup)
+    loss = loss_fn(logits.float(), rows, labels[rows].float(), mixup)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -242,9 +249,12 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     """
     assert settings.keep == "last" or len(splits.validation), "keep: best needs a validation split (splits.py)"
     store = WaveformStore.open(store_path)
-    labels = torch.from_numpy(store.column("labels")).to(device, dtype=torch.float32)
+    label_matrix = store.column("labels")
+    # uint8 on the device, made float a batch at a time: AudioSet's (2 M, 527) labels are 1.05 GB so, 4.2 as float32
+    labels = torch.from_numpy(label_matrix).to(device)
     validation_rows = splits.validation
-    validation_targets = store.column("labels")[validation_rows].astype(bool)
+    validation_targets = label_matrix[validation_rows].astype(bool)
+    del label_matrix  # on a GPU the host keeps no copy
     members = tuple(getattr(model, "member_names", ()))
     max_frames = getattr(model, "max_frames", None)  # read before wrapping: DDP and compile hide it
     # NHWC: the depthwise and 1x1 convolutions of CNNs run faster in it (mn10 training 1.3x on a CPU).

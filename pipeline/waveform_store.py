@@ -133,6 +133,11 @@ class WaveformStore:
         """A whole per-clip array: clip_id, split, labels, labelled, status or message."""
         return read_rows(self.group[name], self.path)
 
+    def labels(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), C) bool labels of sorted store `rows`, reading only their chunks: an evaluation split
+        needs its 20 k rows, not AudioSet's whole 1 GB label matrix."""
+        return read_rows(self.group["labels"], self.path, rows=np.asarray(rows)).astype(bool)
+
     def labelled(self) -> np.ndarray:
         """(N,) bool: clips whose labels were given, as prepare recorded them. The others are unlabelled audio
         (a source with `labels: none`), which teaches a KD student through teacher targets only. A labelled

@@ -97,7 +97,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
     store = WaveformStore.open(store_path)
     rows = splits.evaluation_rows(store, split)
-    targets = store.column("labels")[rows].astype(bool)
+    targets = store.labels(rows)
     device = devices.resolve_device(config.device)
     results = teacher_results(ctx, store, rows, targets, device) if stage_names.ENSEMBLE in ctx.upstream else []
     for kd in (True, False):

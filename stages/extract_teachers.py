@@ -4,18 +4,20 @@
 checkpoint (a file, or its train-teacher output). Parameters: the teacher's
 entry (not its weight), `extract.dtype`, `extract.chunk_clips`,
 `extract.precision`, and with views `extract.views`, `view_seed`, `augment`.
-Output: `logits.zarr` (clean logits, and each view's), resumed chunk by chunk
-after an interruption.
+Output: `logits.zarr` (clean logits, and each view's, whole or top-k), resumed chunk
+by chunk after an interruption.
 
 `extract-teachers` — inputs: every teacher's logits. Parameters: the ensemble
-weights and mode (and `extract.topk` with views). Output: `teachers.zarr` with
-each teacher's logits and the ensemble (of the clean clips, and of every view,
-whole or top-k), so changing weights recomputes only this cheap step and adding
-a teacher computes only that teacher.
+weights and mode. Output: `teachers.zarr` with each teacher's arrays (hard links,
+no second copy) and the ensemble of the clean clips; a view's ensemble is computed
+when the student reads it. Changing weights recomputes only this cheap step and
+adding a teacher computes only that teacher.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,13 +37,16 @@ from kdpipe.teachers import checkpoint_paths, unseen_folds
 from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 
-def eval_metrics(logits: np.ndarray, store: WaveformStore, split: str) -> dict[str, float]:
-    """Metrics on the split's clips that have logits (imported teachers may lack some)."""
+def eval_metrics(logits_of: Callable[[np.ndarray], np.ndarray], store: WaveformStore, split: str
+                 ) -> dict[str, float]:
+    """Metrics on the split's clips that have logits (imported teachers may lack some); `logits_of(rows)`
+    gives the logits of those rows alone, never the whole (N, C) array."""
     rows = store.rows(split)
-    rows = rows[np.isfinite(logits[rows]).all(axis=1)]
-    if len(rows) == 0:
+    logits = logits_of(rows).astype(np.float32)
+    has = np.isfinite(logits).all(axis=1)
+    if not has.any():
         return {}
-    return tagging_metrics(store.column("labels")[rows].astype(bool), logits[rows].astype(np.float32))
+    return tagging_metrics(store.labels(rows[has]), logits[has])
 
 
 def run_import(teacher: TeacherConfig, ctx: StageContext) -> dict[str, Any]:
@@ -59,7 +64,7 @@ def run_import(teacher: TeacherConfig, ctx: StageContext) -> dict[str, Any]:
         rows = logits.chunk_rows(chunk)
         logits.write_chunk(chunk, aligned[rows.start:rows.stop])
         logits.mark_done(chunk)
-    metrics = eval_metrics(aligned, store, ctx.config.evaluation.split)
+    metrics = eval_metrics(aligned.__getitem__, store, ctx.config.evaluation.split)
     attributes = {"teacher": teacher.label, "imported_from": str(teacher.logits), "clips_found": found,
                   "clips_missing": store.n_clips - found, **metrics}
     logits.group.attrs.update(attributes)
@@ -89,7 +94,7 @@ def run_teacher(teacher: TeacherConfig):
         resume = path.exists() and integrity.ready_to_resume(path)
         logits = (TeacherLogits.open(path, mode="r+") if resume else TeacherLogits.create(
             path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label},
-            settings.views))
+            settings.views, settings.topk))
         todo = [chunk for chunk, done in enumerate(logits.done_chunks()) if not done]
         if len(todo) < logits.n_chunks:
             console.info(f"{teacher.label}: {logits.n_chunks - len(todo)} of {logits.n_chunks} chunks already done")
@@ -102,7 +107,7 @@ def run_teacher(teacher: TeacherConfig):
                                                     settings.num_workers), {probe}
         ran = ran or {probe}  # nothing was left to compute
         computed = extraction.valid_clips(logits, todo, store.column("status") == "ok")
-        metrics = eval_metrics(logits.read(), store, config.evaluation.split)
+        metrics = eval_metrics(logits.read_at, store, config.evaluation.split)
         attributes = {
             "teacher": teacher.label, "arch": teacher.arch, "checkpoints": [str(path) for path in checkpoints],
             "checkpoints_sha256": [sha256_file(path) for path in checkpoints], "frontend": {**loaded_frontend(spec)},
@@ -150,11 +155,11 @@ def run_ensemble(ctx: StageContext) -> dict[str, Any]:
     expected = {name: decoded & ("imported_from" not in logits.group.attrs) for name, logits in teachers.items()}
     logits_store.write_combined(ctx.out_dir / COMBINED_FILE, store.column("clip_id"), teachers, weights,
                                 config.extract.ensemble, config.extract.dtype, {"n_classes": len(store.classes)},
-                                expected, config.extract.topk)
+                                expected)
     combined = CombinedLogits.in_folder(ctx.out_dir)
     split = config.evaluation.split
-    summary = {name: eval_metrics(combined.read(name), store, split) for name in teachers}
-    summary["ensemble"] = eval_metrics(combined.read(), store, split)
+    summary = {name: eval_metrics(partial(combined.read, name), store, split) for name in teachers}
+    summary["ensemble"] = eval_metrics(partial(combined.read, None), store, split)
     for name, metrics in summary.items():
         if metrics:
             console.info(f"  {name:<24} mAP {metrics['mAP']:.4f}  mAUC {metrics['mAUC']:.4f}")
@@ -166,7 +171,7 @@ def view_settings(config: Config) -> dict[str, Any]:
     if not config.extract.views:
         return {}
     extract = keyed_values(config.extract)
-    return {f"extract.{key}": extract[key] for key in ("views", "view_seed", "augment")}
+    return {f"extract.{key}": extract[key] for key in ("views", "view_seed", "augment", "topk")}
 
 
 def stages(config: Config) -> list[Stage]:
@@ -193,8 +198,7 @@ def stages(config: Config) -> list[Stage]:
         name=stage_names.ENSEMBLE,
         command="extract-teachers",
         params=("extract.ensemble", "extract.dtype"),
-        param_values=lambda config: {"weights": {t.label: t.weight for t in config.teachers},
-                                     **({"extract.topk": config.extract.topk} if config.extract.views else {})},
+        param_values=lambda config: {"weights": {t.label: t.weight for t in config.teachers}},
         outputs=(COMBINED_FILE,),
         run=run_ensemble,
         code=(run_ensemble, eval_metrics),
