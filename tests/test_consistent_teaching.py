@@ -95,6 +95,9 @@ def test_topk_views_are_stored_per_teacher_and_their_ensemble_is_bounded_by_the_
     topk = CombinedLogits.in_folder(pipeline.ensure("extract-teachers"))
     names = ("mn_tiny", "passt_tiny")
     stores = {name: TeacherLogits.open(pipeline.built(f"extract/{name}") / "logits.zarr") for name in names}
+    for array in ("logits/c/0/0", "views_topk/values/c/0/0/0"):  # hard links: no second copy on disk
+        own, linked = stores["passt_tiny"].path / array, topk.path / "teachers" / "passt_tiny" / array
+        assert own.stat().st_ino == linked.stat().st_ino and own.stat().st_nlink == 2
     dense_views = {name: TeacherLogits.open(full_run.built(f"extract/{name}") / "logits.zarr").group["views"][:]
                    .astype(np.float32) for name in names}
     weights = full.array().attrs["weights"]
