@@ -161,12 +161,13 @@ class StageCache:
     def collect_garbage(self, keep: set[tuple[str, str]], dry_run: bool = False
                         ) -> Iterator[tuple[CacheEntry, str | None, int]]:
         """Remove every entry whose (stage, key) is not in `keep`, unless it is being built or read: yields
-        (entry, who holds it or None, bytes freed). With `dry_run`, removes nothing."""
+        (entry, who holds it or None, bytes freed). With `dry_run`, removes nothing (and files two entries
+        share count for neither)."""
         for entry in self.entries():
             if (entry.stage, entry.key) in keep:
                 continue
             with self.claim(entry) as holder:
-                size = 0 if holder is not None else entry.size_bytes()
+                size = 0 if holder is not None else entry.size_bytes(alone=True)
                 if holder is None and not dry_run:
                     self.remove(entry)
                 yield entry, holder, size
@@ -186,8 +187,11 @@ class CacheEntry:
     path: Path
     complete: bool
 
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+    def size_bytes(self, alone: bool = False) -> int:
+        """Bytes of the entry's files; with `alone`, only of those no other entry hard-links (a combined
+        teachers.zarr links its teachers' chunks): what removing it frees now."""
+        stats = [p.stat() for p in self.path.rglob("*") if p.is_file()]
+        return sum(stat.st_size for stat in stats if not alone or stat.st_nlink == 1)
 
 
 def environment_versions() -> dict[str, str]:

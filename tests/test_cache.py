@@ -242,6 +242,25 @@ def test_gc_removes_only_unreferenced_entries(make):
     assert len(pipeline.cache.entries()) == 3
 
 
+def test_gc_counts_a_file_two_entries_share_once_when_it_is_freed(make):
+    """A combined teachers.zarr hard-links its teachers' chunks: removing the first of two entries that share a
+    file frees nothing of it, removing the second frees it."""
+    build_all(make())
+    build_all(make("student.width=2.0"))
+    cache = make().cache
+    students = [entry for entry in cache.entries() if entry.stage == "student"]
+    assert len(students) == 2
+    (students[0].path / "shared.bin").write_bytes(b"x" * 1000)
+    (students[1].path / "shared.bin").hardlink_to(students[0].path / "shared.bin")
+    totals = [entry.size_bytes() for entry in students]
+    assert students[0].size_bytes(alone=True) == totals[0] - 1000
+    keep = {(entry.stage, entry.key) for entry in cache.entries() if entry.stage != "student"}
+    freed = {entry.key: size for entry, _holder, size in cache.collect_garbage(keep)}
+    first, second = (students if students[0].key < students[1].key else students[::-1])
+    assert freed[first.key] == totals[students.index(first)] - 1000
+    assert freed[second.key] == totals[students.index(second)]
+
+
 def test_temporaries_never_outlive_their_write(make, tmp_path):
     from kdpipe import atomic
 
