@@ -7,7 +7,8 @@ import torch
 from kdpipe.config import load_config
 from kdpipe.classes import ClassList
 from kdpipe.config import TrainingConfig
-from kdpipe.loader import (BatchLoader, batch_loader, class_balanced_weights, class_weights, sequential_batches,
+from kdpipe.bench_scale import class_probabilities, draw_labels, expected_frequencies
+from kdpipe.loader import (SAMPLING_OFFSET, BatchLoader, batch_loader, class_balanced_weights, class_weights, sequential_batches,
                            weighted_batches)
 from kdpipe.runner import Pipeline
 from kdpipe.training import Mixup, epoch_plan, lr_multiplier, sampling_weights
@@ -69,6 +70,37 @@ def test_weighted_draws_of_tiny_weights_do_not_favour_low_rows():
     drawn = np.concatenate([np.concatenate(weighted_batches(rows, weights, 200, 10, np.random.default_rng(seed)))
                             for seed in range(10)])
     assert abs(drawn.mean() - 5000) < 300  # 2,000 uniform draws: sd of the mean ~65
+
+
+def test_an_epoch_at_audioset_imbalance_gives_every_class_its_share_and_ignores_row_order():
+    """200 k clips drawn by `kdpipe bench scale`'s AudioSet-like recipe, weighted as EfficientAT weighs AudioSet's
+    2 M clips (per-class weights 1000 / (count + 100) from the recipe's counts at 2 M: 0.001 for the two head
+    classes).
+
+    Shares: 20 epochs of 4,000 draws, 2 % of the clips, where the chance that weighted sampling without
+    replacement picks clip i is n w_i / W to first order. Tolerance: each class's count is within 5 standard
+    deviations (sqrt of its expected count) plus 3 % of what that predicts.
+    Row order: a draw of all but 2,000 clips leaves out clips of the lowest keys, which must lie anywhere in
+    the store. Keys u ** (1 / w) underflow to 0 for half of the head-only clips, and the stable sort then
+    leaves out the 2,000 highest rows (measured: mean row 177 k, where 100 k is expected)."""
+    labels = draw_labels(np.random.default_rng(0), class_probabilities(527), 200_000)
+    per_class = (1000.0 / (expected_frequencies(527) * 2_000_000 + SAMPLING_OFFSET)).astype(np.float32)
+    weights = class_balanced_weights(labels, None, per_class)
+    rows, draws, epochs = np.arange(len(labels)), 4_000, 20
+    included = np.minimum(1.0, draws * weights / weights.sum())  # first-order inclusion probabilities
+    expected = epochs * (included @ labels.astype(np.float64))
+    counts = np.zeros(labels.shape[1])
+    for epoch in range(epochs):
+        drawn = np.concatenate(weighted_batches(rows, weights, draws, 100, np.random.default_rng([7, epoch])))
+        assert len(np.unique(drawn)) == draws
+        counts += labels[drawn].sum(axis=0)
+    deviation = np.abs(counts - expected)
+    assert (deviation <= 5 * np.sqrt(expected) + 0.03 * expected).all(), np.argmax(deviation / np.sqrt(expected))
+    kept = np.concatenate(weighted_batches(rows, weights, len(rows) - 2_000, 1_000, np.random.default_rng(1),
+                                           drop_last=False))
+    left_out = np.setdiff1d(rows, kept)
+    assert len(left_out) == 2_000
+    assert abs(left_out.mean() - rows.mean()) < 4 * rows.std() / np.sqrt(len(left_out))  # 4 sd: 5.2 k rows
 
 
 def _audioset_like_store(path, n_labelled=16_000, n_unlabelled=4_000, n_classes=527, seed=0):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from kdpipe import console
-from kdpipe.cli.common import bench_app, user_errors
+from kdpipe.cli.common import bench_app, human_bytes, user_errors
 from kdpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kdpipe.bench_scale import ScaleResult
 
 
 @bench_app.command("extract")
@@ -86,6 +90,64 @@ def bench_train(
     result = run_bench(arch, clips, seconds, batch_size, workers, resolve_device(device), compile)
     print_bench(result, f"training {result['train_clips_per_s']:.1f} clips/s, "
                         f"waiting for data {100 * result['data_wait_share']:.1f} % of step time")
+
+
+@bench_app.command("scale")
+@user_errors
+def bench_scale(
+    clips: Annotated[int, typer.Option(min=2, help="Clips in the manifest and every store.")] = 2_000_000,
+    classes: Annotated[int, typer.Option(min=3, help="Classes, with AudioSet-like imbalance.")] = 527,
+    teachers: Annotated[int, typer.Option(min=1, help="Teachers (synthetic logits).")] = 3,
+    views: Annotated[int, typer.Option(min=0, help="Augmented views per clip (extract.views).")] = 0,
+    topk: Annotated[int, typer.Option(min=0, help="Logits kept per view (extract.topk).")] = 20,
+    eval_clips: Annotated[int, typer.Option(min=1, help="Clips of the eval split.")] = 20_000,
+    draw: Annotated[int, typer.Option(min=1, help="Clips drawn per epoch (student.epoch_samples).")] = 100_000,
+    out: Annotated[Path | None, typer.Option(help="An empty folder for the stores, kept; default a temporary "
+                                             "one under the current directory.")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary folder.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Where the table goes as JSON; default "
+                                                   "bench-scale.json beside the stores' folder.")] = None,
+    extrapolate_to: Annotated[int | None, typer.Option(min=1, help="Add time and disk scaled to this many clips: "
+                                                       "linearly, but for steps whose work does not grow "
+                                                       "with the clips.")] = None,
+) -> None:
+    """AudioSet's shape: the real stages' host-side steps on stores of that size, with time and peak memory."""
+    from kdpipe.bench_scale import RunCode, ScaleSettings
+    from kdpipe.bench_scale import bench_scale as run_bench
+    from kdpipe.cli.state import status
+    from kdpipe.stages import build_stages, extract_teachers
+
+    result = run_bench(ScaleSettings(clips, classes, teachers, views, topk, eval_clips, draw),
+                       RunCode(build_stages, extract_teachers.eval_metrics, status), out, keep, json_path,
+                       extrapolate_to)
+    print_scale(result)
+
+
+def print_scale(result: ScaleResult) -> None:
+    """The steps as a table (extrapolated columns marked), then what the figures are and are not."""
+    settings = result.settings
+    table = Table("step", "seconds", "peak RSS", "baseline RSS", "on disk", "note",
+                  title=f"{settings.clips:,} clips, {settings.classes} classes, {settings.teachers} teachers, "
+                        f"{settings.views} views, top-{settings.topk}")
+    scaled = result.extrapolate_to
+    if scaled:
+        table.add_column(f"seconds at {scaled:,} (extrapolated)")
+        table.add_column(f"on disk at {scaled:,} (extrapolated)")
+    for row in result.rows:
+        disk = row.get("disk_bytes")
+        cells = [row["step"], f"{row['seconds']:.2f}", human_bytes(row["peak_rss"]), human_bytes(row["baseline_rss"]),
+                 "-" if disk is None else human_bytes(disk), row.get("note", "")]
+        if scaled:
+            extrapolated = row.get("extrapolated_disk_bytes")
+            cells += [f"{row['extrapolated_seconds']:.1f}" + ("" if row["per_clip"] else " (not per clip)"),
+                      "-" if extrapolated is None else human_bytes(extrapolated)]
+        table.add_row(*cells)
+    console.out.print(table)
+    for note in result.notes:
+        console.out.print(f"- {note}")
+    kept = f"stores in {result.workspace} (kdpipe status -c {result.workspace}/kdpipe.yaml); " \
+        if Path(result.workspace).is_dir() else ""
+    console.out.print(f"cache {human_bytes(result.cache_bytes)}; {kept}table as JSON: {result.json_path}")
 
 
 def print_bench(result: dict[str, Any], headline: str | None = None, unit: str = "clips/s") -> None:
