@@ -23,7 +23,7 @@ from torch import nn
 
 from kdpipe.bench import inference_clips_per_second
 from kdpipe.classes import ClassList
-from kdpipe.metrics import average_precision, lwlrap, tagging_metrics
+from kdpipe.metrics import class_metrics, lwlrap, summary
 from kdpipe.models.complexity import describe
 
 EFFICIENTAT_SECONDS = 10.0
@@ -84,8 +84,9 @@ def score(model_id: str, label: str, role: Literal["teacher", "ensemble", "stude
     """Metrics and per-class AP of one model's logits, over the clips it has logits for."""
     have = np.isfinite(logits).all(axis=1)
     targets, logits = targets[have], logits[have].astype(np.float32)
-    metrics = {**tagging_metrics(targets, logits), "lwlrap": lwlrap(targets, logits)}
-    return ModelResult(model_id, label, role, arch, int(have.sum()), metrics, average_precision(targets, logits))
+    ap, auc = class_metrics(targets, logits)
+    metrics = {**summary(ap, auc), "lwlrap": lwlrap(targets, logits)}
+    return ModelResult(model_id, label, role, arch, int(have.sum()), metrics, ap)
 
 
 def read_history(metrics_jsonl: Path, member: str | None = None) -> list[dict[str, Any]]:

@@ -13,34 +13,53 @@ from statistics import NormalDist
 import numpy as np
 
 
+CLASS_BLOCK = 64
+"""Classes ranked at once: (64, N) temporaries, not (C, N) (AudioSet's eval split: 10 MB, not 85)."""
+
+
 def average_precision(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Per-class AP (step-wise, ties broken by distinct score thresholds); NaN for classes without positives."""
-    targets = np.asarray(targets, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    result = np.full(targets.shape[1], np.nan)
-    for c in np.flatnonzero(targets.any(axis=0)):
-        order = np.argsort(-scores[:, c], kind="mergesort")
-        ranked_scores, ranked_targets = scores[order, c], targets[order, c]
-        last_of_each_threshold = np.r_[np.flatnonzero(np.diff(ranked_scores)), len(ranked_scores) - 1]
-        true_pos = np.cumsum(ranked_targets)[last_of_each_threshold]
-        precision = true_pos / (last_of_each_threshold + 1)
-        recall = true_pos / true_pos[-1]
-        result[c] = np.sum(np.diff(np.r_[0.0, recall]) * precision)
-    return result
+    return class_metrics(targets, scores)[0]
 
 
 def roc_auc(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Per-class ROC AUC by the rank-sum (Mann-Whitney) identity, ties counted half; NaN if undefined."""
+    return class_metrics(targets, scores)[1]
+
+
+def class_metrics(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class AP and AUC from one stable sort of each class's scores, a block of classes at a time.
+
+    After sorting a class's N scores in descending order, position i lies in a tie group [first_i, last_i].
+    AP = sum over positives i of precision at last_i (true positives up to last_i / (last_i + 1)), over P;
+    the ascending rank of i, ties averaged, is N - (first_i + last_i) / 2, and AUC is the rank sum of the
+    positives less P (P + 1) / 2, over P x (N - P).
+    """
     targets = np.asarray(targets, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    result = np.full(targets.shape[1], np.nan)
-    positives = targets.sum(axis=0)
-    negatives = len(targets) - positives
-    for c in np.flatnonzero((positives > 0) & (negatives > 0)):
-        ranks = _average_ranks(scores[:, c])
-        rank_sum = ranks[targets[:, c]].sum()
-        result[c] = (rank_sum - positives[c] * (positives[c] + 1) / 2) / (positives[c] * negatives[c])
-    return result
+    scores = _floating(scores)
+    n, n_classes = targets.shape
+    ap, auc = np.full(n_classes, np.nan), np.full(n_classes, np.nan)
+    positions = np.arange(n)
+    for start in range(0, n_classes, CLASS_BLOCK):
+        block = slice(start, min(start + CLASS_BLOCK, n_classes))
+        column_scores = np.ascontiguousarray(scores[:, block].T)
+        order = np.argsort(-column_scores, axis=1, kind="stable")
+        ranked = np.take_along_axis(column_scores, order, axis=1)
+        hits = np.take_along_axis(np.ascontiguousarray(targets[:, block].T), order, axis=1)
+        new_value = np.diff(ranked, axis=1) != 0
+        first = np.maximum.accumulate(np.where(np.c_[np.ones(len(ranked), bool), new_value], positions, 0), axis=1)
+        last = np.minimum.accumulate(np.where(np.c_[new_value, np.ones(len(ranked), bool)], positions, n)[:, ::-1],
+                                     axis=1)[:, ::-1]
+        true_pos = np.take_along_axis(np.cumsum(hits, axis=1), last, axis=1)
+        positives = hits.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap[block] = np.where(hits, true_pos / (last + 1), 0.0).sum(axis=1) / positives
+            rank_sum = np.where(hits, n - (first + last) / 2, 0.0).sum(axis=1)
+            auc[block] = (rank_sum - positives * (positives + 1) / 2) / (positives * (n - positives))
+    ap[~targets.any(axis=0)] = np.nan
+    defined = targets.any(axis=0) & ~targets.all(axis=0)
+    auc[~defined] = np.nan
+    return ap, auc
 
 
 def d_prime(auc: float) -> float:
@@ -57,7 +76,7 @@ def lwlrap(targets: np.ndarray, scores: np.ndarray) -> float:
     each clip weighted by its number of positives. NaN when there are no positives.
     """
     targets = np.asarray(targets, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _floating(scores)
     if not targets.any():
         return math.nan
     order = np.argsort(-scores, axis=1, kind="mergesort")
@@ -74,17 +93,16 @@ def lwlrap(targets: np.ndarray, scores: np.ndarray) -> float:
 
 def tagging_metrics(targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """mAP, mAUC and d-prime over the classes for which each is defined."""
-    m_ap = float(np.nanmean(average_precision(targets, scores)))
-    m_auc = float(np.nanmean(roc_auc(targets, scores)))
+    return summary(*class_metrics(targets, scores))
+
+
+def summary(ap: np.ndarray, auc: np.ndarray) -> dict[str, float]:
+    """mAP, mAUC and d-prime from per-class AP and AUC (`class_metrics`)."""
+    m_ap, m_auc = float(np.nanmean(ap)), float(np.nanmean(auc))
     return {"mAP": m_ap, "mAUC": m_auc, "d_prime": d_prime(m_auc)}
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
-    ends = np.r_[starts[1:], len(values)]
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
-    return ranks
+def _floating(scores: np.ndarray) -> np.ndarray:
+    """Scores as float32 or float64, never a float64 copy of float32 scores: a cast changes no order or tie."""
+    scores = np.asarray(scores)
+    return scores if scores.dtype in (np.float32, np.float64) else scores.astype(np.float64)
