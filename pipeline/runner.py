@@ -14,6 +14,7 @@ from kdpipe.cache import StageCache, environment_versions
 from kdpipe.config import Config
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.fingerprint import FingerprintDB
+from kdpipe.integrity import FileId
 from kdpipe.stage import SINGLE, KeyComponents, Ranks, Stage, StageContext, explain_change, key_components
 from kdpipe.verify import Verdict, output_digests, verify_entry
 
@@ -145,8 +146,11 @@ class Pipeline:
 
     def verify(self, names: list[str] | None = None, *, mark: bool = True) -> list[Verdict]:
         """Check the committed entries of `names` (default: every stage) against their checksums and digests;
-        with `mark`, damaged ones are uncommitted so the next run rebuilds what is damaged."""
-        return [verify_entry(self.cache, name, self.key(name), mark=mark) for name in names or list(self.stages)]
+        with `mark`, damaged ones are uncommitted so the next run rebuilds what is damaged. A chunk file two
+        entries share (hard links) is decoded once."""
+        verified: set[FileId] = set()
+        return [verify_entry(self.cache, name, self.key(name), mark=mark, verified=verified)
+                for name in names or list(self.stages)]
 
     def referenced_keys(self) -> dict[str, str]:
         """The key of every stage under the current config: what `cache gc` keeps."""

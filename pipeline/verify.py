@@ -34,8 +34,10 @@ class Verdict:
     seconds: float
 
 
-def verify_entry(cache: StageCache, stage: str, key: str, *, mark: bool = True) -> Verdict:
-    """Decode every chunk of the entry's stores and hash its files; with `mark`, act on damage."""
+def verify_entry(cache: StageCache, stage: str, key: str, *, mark: bool = True,
+                 verified: set[integrity.FileId] | None = None) -> Verdict:
+    """Decode every chunk of the entry's stores and hash its files; with `mark`, act on damage. Chunk files
+    in `verified` (decoded without fault through another entry's hard link) are not decoded again."""
     record = cache.record(stage, key)
     folder = cache.entry_dir(stage, key)
     if record is None:
@@ -43,7 +45,7 @@ def verify_entry(cache: StageCache, stage: str, key: str, *, mark: bool = True) 
     started = time.perf_counter()
     try:
         with cache.lock(stage, key, wait=False):
-            problems, damaged_stores, files_damaged = _check(folder, record)
+            problems, damaged_stores, files_damaged = _check(folder, record, verified)
             action = "ok"
             if problems and mark:
                 action = _mark(cache, stage, key, damaged_stores, files_damaged)
@@ -53,7 +55,8 @@ def verify_entry(cache: StageCache, stage: str, key: str, *, mark: bool = True) 
     return Verdict(stage, key, tuple(problems), action if problems else "ok", size, time.perf_counter() - started)
 
 
-def _check(folder: Path, record: dict) -> tuple[list[str], dict[Path, list[integrity.Damage]], bool]:
+def _check(folder: Path, record: dict, verified: set[integrity.FileId] | None
+           ) -> tuple[list[str], dict[Path, list[integrity.Damage]], bool]:
     """Problems found, the damage per Zarr store, and whether a plain output file is missing or changed."""
     problems: list[str] = []
     files_damaged = False
@@ -66,7 +69,7 @@ def _check(folder: Path, record: dict) -> tuple[list[str], dict[Path, list[integ
             files_damaged = True
         elif path.is_dir():
             try:
-                damage = integrity.find_damage(path)
+                damage = integrity.find_damage(path, verified=verified)
             except Exception as exc:  # noqa: BLE001 - unreadable metadata is damage too
                 problems.append(f"{name} cannot be opened ({exc})")
                 files_damaged = True

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from kdpipe.cli import app
@@ -212,3 +213,26 @@ def test_a_full_disk_or_a_file_in_the_cache_path_is_one_message(small_demo, tmp_
     assert "file larger than this process may write" in result.stderr
     assert "rerun the same command to resume" in result.stderr
     assert not list((tmp_path / "limited").glob("prepare/*/record.json"))  # nothing taken as done
+
+
+def test_verify_decodes_a_chunk_two_stores_hard_link_once(tmp_path, monkeypatch):
+    """teachers.zarr hard-links its teachers' chunks: verified through the teacher's store, they are not decoded
+    again through the combined one; without that record, they are."""
+    teacher = TeacherLogits.create(tmp_path / "t.zarr", 4, 3, 2, "float32", {})
+    for chunk in range(2):
+        teacher.write_chunk(chunk, np.zeros((2, 3), np.float32))
+        teacher.mark_done(chunk)
+    write_combined(tmp_path / "c.zarr", np.array(list("abcd")), {"t": TeacherLogits.open(tmp_path / "t.zarr")},
+                   {"t": 1.0}, "logits", "float32", {}, {"t": np.ones(4, bool)})
+    decoded = []
+    read = zarr.Array.__getitem__
+    monkeypatch.setattr(zarr.Array, "__getitem__", lambda array, key: decoded.append(array.path) or read(array, key))
+    verified = set()
+    assert find_damage(tmp_path / "t.zarr", verified=verified) == []
+    assert decoded.count("logits") == 2
+    decoded.clear()
+    assert find_damage(tmp_path / "c.zarr", verified=verified) == []
+    assert "teachers/t/logits" not in decoded and decoded.count("ensemble/logits") == 2
+    decoded.clear()
+    assert find_damage(tmp_path / "c.zarr") == []
+    assert decoded.count("teachers/t/logits") == 2
