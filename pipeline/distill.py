@@ -70,8 +70,10 @@ class Targets:
         """sigmoid(logits / T) of every row into `probabilities` (in place), and which rows have a teacher."""
         for start, stop in row_blocks(len(self.present)):
             block = torch.from_numpy(logits_of(start, stop)).to(self.probabilities.device, torch.float32)
-            self.present[start:stop] = torch.isfinite(block).all(dim=1)
-            self.probabilities[start:stop] = torch.sigmoid(block.nan_to_num_(0.0).div_(temperature))
+            present = torch.isfinite(block.sum(dim=1))  # one pass; a NaN or an infinity anywhere makes the sum so
+            block[~present] = 0.0
+            self.present[start:stop] = present
+            self.probabilities[start:stop] = block.div_(temperature).sigmoid_()
 
     def start_epoch(self, epoch: int) -> None:
         """Clean targets do not change between epochs."""

@@ -32,6 +32,8 @@ from kdpipe.zarr_groups import create_done_flags, open_group
 FORMAT = "kdpipe.waveforms/2"
 STORE_FILE = "waveforms.zarr"  # in the prepare output
 OK = "ok"
+WHOLE_CHUNK_ROWS = 16384
+"""Rows per chunk of the arrays written whole at creation (labels: 8.6 MB a chunk at 527 classes)."""
 
 
 class WaveformStore:
@@ -46,6 +48,7 @@ class WaveformStore:
         self.shard_clips: int = attrs["shard_clips"]
         self.classes = ClassList(tuple(attrs["class_mids"]), tuple(attrs["class_names"]))
         self.waveform: zarr.Array = group["waveform"]
+        self._columns: dict[str, np.ndarray] = {}  # per-clip columns read so far (not labels: 1 GB at 2 M)
 
     @classmethod
     def create(
@@ -81,14 +84,18 @@ class WaveformStore:
             shards=(shard_clips, clip_samples), fill_value=0, dimension_names=("clip", "sample"),
             **array_settings(compress=compression == "zstd"),
         )
-        per_clip = {"chunks": (shard_clips,), "dimension_names": ("clip",), **array_settings()}
-        group.create_array("labels", shape=(n, len(classes)), dtype="uint8", chunks=(shard_clips, len(classes)),
+        # Arrays written whole here take large chunks: a column of AudioSet's 2 M clips in 256-row chunks is
+        # 7,813 files and 4 s to read. Those written shard by shard keep one chunk per shard (one writer each).
+        whole = max(shard_clips, WHOLE_CHUNK_ROWS)
+        per_clip = {"chunks": (whole,), "dimension_names": ("clip",), **array_settings()}
+        group.create_array("labels", shape=(n, len(classes)), dtype="uint8", chunks=(whole, len(classes)),
                            fill_value=0, dimension_names=("clip", "class"), **array_settings())[:] = labels
         group.create_array("labelled", shape=(n,), dtype=bool, **per_clip)[:] = np.asarray(labelled, dtype=bool)
         group.create_array("clip_id", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(clip_ids)
         group.create_array("split", shape=(n,), dtype=str, **per_clip)[:] = np.asarray(splits)
-        group.create_array("status", shape=(n,), dtype=str, **per_clip)
-        group.create_array("message", shape=(n,), dtype=str, **per_clip)
+        per_shard = {**per_clip, "chunks": (shard_clips,)}
+        group.create_array("status", shape=(n,), dtype=str, **per_shard)
+        group.create_array("message", shape=(n,), dtype=str, **per_shard)
         create_done_flags(group, -(-n // shard_clips))
         return cls(group, path)
 
@@ -121,6 +128,7 @@ class WaveformStore:
         self.waveform[region] = waves
         self.group["status"][region] = np.asarray(status)
         self.group["message"][region] = np.asarray(messages)
+        self._columns.clear()
 
     def mark_done(self, shard: int) -> None:
         self.group["done"][shard] = True
@@ -130,8 +138,15 @@ class WaveformStore:
 
     # ------------------------------------------------------------ reading
     def column(self, name: str) -> np.ndarray:
-        """A whole per-clip array: clip_id, split, labels, labelled, status or message."""
-        return read_rows(self.group[name], self.path)
+        """A whole per-clip array: clip_id, split, labels, labelled, status or message. One-dimensional ones are
+        read once per handle (a training start asks for `labelled` and `status` several times)."""
+        if name == "labels":
+            return read_rows(self.group[name], self.path)
+        if name not in self._columns:
+            column = read_rows(self.group[name], self.path)
+            column.flags.writeable = False  # shared by every caller
+            self._columns[name] = column
+        return self._columns[name]
 
     def labels(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), C) bool labels of sorted store `rows`, reading only their chunks: an evaluation split
