@@ -168,3 +168,17 @@ def test_storage_by_hand():
     assert storage_per_clip(40, 527, 20) == (42_160, 3_200)
     assert storage_per_clip(40, 527, 20, np.float32) == (84_320, 4_800)
     assert storage_per_clip(1, 10, 10, "float32").full == 40
+
+
+def test_the_partial_sort_keeps_what_a_full_stable_sort_keeps():
+    """Many ties (values rounded to a coarse grid), rows wholly tied and an absent row, over more rows than one
+    block: the indexes equal a full stable argsort's first k, independently computed."""
+    rng = np.random.default_rng(3)
+    logits = np.round(rng.normal(size=(3, 7000, 50)), 1).astype(np.float32)
+    logits[0, 11] = 2.0
+    logits[1, 5, 7] = np.nan
+    values, indexes = keep_topk(logits, 6, np.float32)
+    expected = np.argsort(-logits, axis=-1, kind="stable")[..., :6]
+    expected[1, 5] = -1
+    np.testing.assert_array_equal(indexes, expected)
+    np.testing.assert_array_equal(values[0], np.take_along_axis(logits[0], expected[0], axis=-1))
