@@ -64,6 +64,7 @@ from kdpipe.logits_store import COMBINED_FILE, TEACHER_FILE, CombinedLogits, Tea
 from kdpipe.preparation import ShardJob, ShardResult
 from kdpipe.runner import Pipeline
 from kdpipe.stage import Stage, StageContext
+from kdpipe.topk import expand_topk, keep_topk
 from kdpipe.verify import verify_entry
 from kdpipe.waveform_store import OK, STORE_FILE, WaveformStore
 
@@ -378,7 +379,7 @@ def steps(settings: ScaleSettings) -> list[Step]:
         Step("combine", "ensemble combine (write_combined)", "step"),
         Step("naive_read", "naive read of the logits entries' files", "step"),
         Step("verify", "verify the logits entries (verify_entry)", "step"),
-        Step("student_start", "student start (targets, epoch_plan)", "step"),
+        Step("student_start", "student start (targets, sampling weights, labels to the device)", "step"),
         Step("draw", f"sampler draw, one epoch of {settings.draw} clips", "step"),
         *views,
         Step("resume", "resume one chunk of extract/t0 (Pipeline.ensure)", "step"),
@@ -484,8 +485,14 @@ def _logit_stages(ws: Workspace) -> list[str]:
 
 
 def _entry_files(ws: Workspace) -> list[Path]:
-    """Every file of the logits entries, as verify reads them: a file linked into two entries, twice."""
-    return [path for name in _logit_stages(ws) for path in sorted(ws.entry(name).rglob("*")) if path.is_file()]
+    """Every file of the logits entries, as verify reads them: a file linked into two entries, once."""
+    files: dict[tuple[int, int], Path] = {}
+    for name in _logit_stages(ws):
+        for path in sorted(ws.entry(name).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                files.setdefault((stat.st_dev, stat.st_ino), path)
+    return list(files.values())
 
 
 def _naive_read(ws: Workspace) -> Prepared:
@@ -494,13 +501,16 @@ def _naive_read(ws: Workspace) -> Prepared:
 
 
 def _verify(ws: Workspace) -> Prepared:
-    """What `kdpipe verify` does for each logits entry, its key known (the key step times keys)."""
+    """What `kdpipe verify` does for the logits entries (`Pipeline.verify`), their keys known (the key step
+    times keys): a chunk file the combined store hard-links is decoded once."""
     entries = {name: ws.entry(name).name for name in _logit_stages(ws)}
     files = _entry_files(ws)
     verdicts: list[Any] = []
 
     def action() -> None:
-        verdicts.extend(verify_entry(ws.cache, name, key, mark=False) for name, key in entries.items())
+        verified: set[integrity.FileId] = set()
+        verdicts.extend(verify_entry(ws.cache, name, key, mark=False, verified=verified)
+                        for name, key in entries.items())
 
     def report() -> dict[str, Any]:
         damaged = [f"{v.stage}: {v.action} {'; '.join(v.problems[:3])}" for v in verdicts if v.action != "ok"]
@@ -521,26 +531,30 @@ def _student_start(ws: Workspace) -> Prepared:
         store = WaveformStore.open(store_path)
         combined = CombinedLogits.in_folder(ensemble)
         targets = kd_targets(config, store, combined)
-        labelled = torch.from_numpy(store.labelled().astype(np.float32)).to(devices.resolve_device(config.device))
-        plan = epoch_plan(config, store, distill.confident_classes(combined, config.student.kd.unlabelled_threshold))
+        device = devices.resolve_device(config.device)
+        labelled = torch.from_numpy(store.labelled().astype(np.float32)).to(device)
+        rows = student_rows(config, store)
+        plan = epoch_plan(config, store, rows, distill.confident_classes(combined,
+                                                                         config.student.kd.unlabelled_threshold))
         targets.start_epoch(0)
-        held.append((targets, labelled, plan))
+        labels = training.labels_on_device(WaveformStore.open(store_path), rows.validation, device)  # fit's start
+        held.append((targets, labelled, plan, labels))
 
     return Prepared(action)
 
 
 def kd_targets(config: Config, store: WaveformStore, combined: CombinedLogits) -> distill.Targets:
-    """The KD targets train_student builds: one view at a time with views, the clean clips' without."""
-    device = devices.resolve_device(config.device)
-    if config.learns_from_views:
-        return distill.ViewTargets(combined, config, store.n_clips, store.sample_rate, store.clip_samples, device)
-    return distill.Targets(combined, store.n_clips, config.student.kd.temperature, device)
+    return distill.student_targets(combined, config, store.n_clips, store.sample_rate, store.clip_samples,
+                                   devices.resolve_device(config.device))
 
 
-def epoch_plan(config: Config, store: WaveformStore, heard: Callable[[np.ndarray], np.ndarray]
-               ) -> Callable[[int], list[np.ndarray]]:
+def student_rows(config: Config, store: WaveformStore) -> splits.TrainingSplits:
+    return splits.training_splits(store, config.data.validation_fraction, stage_names.STUDENT, unlabelled=True)
+
+
+def epoch_plan(config: Config, store: WaveformStore, rows: splits.TrainingSplits,
+               heard: Callable[[np.ndarray], np.ndarray]) -> Callable[[int], list[np.ndarray]]:
     """The KD student's epochs, as train_student plans them."""
-    rows = splits.training_splits(store, config.data.validation_fraction, stage_names.STUDENT, unlabelled=True)
     seed = config.seed if config.student.seed is None else config.student.seed
     return training.epoch_plan(store, rows.train, config.student, seed, heard)
 
@@ -549,7 +563,8 @@ def _draw(ws: Workspace) -> Prepared:
     config = ws.config()
     store = WaveformStore.open(ws.store_path)
     combined = CombinedLogits.in_folder(ws.entry(stage_names.ENSEMBLE))
-    plan = epoch_plan(config, store, distill.confident_classes(combined, config.student.kd.unlabelled_threshold))
+    plan = epoch_plan(config, store, student_rows(config, store),
+                      distill.confident_classes(combined, config.student.kd.unlabelled_threshold))
     batches: list[np.ndarray] = []
 
     def report() -> dict[str, Any]:
@@ -623,11 +638,44 @@ def _label_counts(ws: Workspace) -> Prepared:
                                      "unlabelled_clips": int(per_clip[1])})
 
 
+def _topk_loss(ws: Workspace) -> Prepared:
+    """Not timed for the table: what the targets read from per-teacher top-k views lose against the ensemble of
+    the full views, recomputed for the first chunk's clips; and what CED's top-k of that ensemble loses."""
+    config, settings = ws.config(), ws.settings
+    store = WaveformStore.open(ws.store_path)
+    combined = CombinedLogits.in_folder(ws.entry(stage_names.ENSEMBLE))
+    rows = np.arange(min(config.extract.chunk_clips, store.n_clips))
+    labels = store.labels(rows)
+    losses: dict[str, list[np.ndarray]] = {"per-teacher top-k": [], "CED's ensemble top-k": []}
+
+    def action() -> None:
+        full = [synthetic_logits(labels, config.seed, t, 0, settings.views)[1] for t in range(settings.teachers)]
+        for view in range(settings.views):
+            exact = sum(teacher[:, view] for teacher in full) / settings.teachers  # equal weights, mode logits
+            stored = combined.read_view(view, start=0, stop=len(rows))
+            ced = expand_topk(*keep_topk(exact, settings.topk, config.extract.dtype), exact.shape[1], "zero")
+            top = np.argsort(-exact, axis=1, kind="stable")[:, :settings.topk]
+            for name, read in (("per-teacher top-k", stored), ("CED's ensemble top-k", ced)):
+                error = np.abs(_sigmoid(read) - _sigmoid(exact))
+                losses[name].append(np.array([error.mean(), error.max(), np.take_along_axis(error, top, 1).mean()]))
+
+    def report() -> dict[str, Any]:
+        return {name: dict(zip(("mean_abs_dp", "max_abs_dp", "mean_abs_dp_exact_topk"),
+                               np.mean(values, axis=0).tolist() if values else []))
+                for name, values in losses.items()} | {"clips": len(rows)}
+
+    return Prepared(action, report)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
 STEPS: dict[str, Callable[[Workspace], Prepared]] = {
     "inputs": _inputs, "open_waveforms": _open_waveforms, "open_logits": _open_logits, "key": _key,
     "status": _status, "combine": _combine, "naive_read": _naive_read, "verify": _verify,
     "student_start": _student_start, "draw": _draw, "first_view": _first_view, "view_change": _view_change,
-    "resume": _resume, "evaluate": _evaluate, "labels": _label_counts,
+    "resume": _resume, "evaluate": _evaluate, "labels": _label_counts, "topk_loss": _topk_loss,
 }
 
 
@@ -772,7 +820,10 @@ def _run_steps(ws: Workspace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 console.info(f"  {step.key}: {row['seconds']:.2f} s, peak RSS {row['peak_rss'] / 1e9:.2f} GB")
             shutil.rmtree(ws.scratch, ignore_errors=True)
         labels = children.submit(measure, ["labels"], ws, console.LOGGER.level).result()[0]
-    return rows, _label_summary(ws.settings, labels)
+        summary = _label_summary(ws.settings, labels)
+        if ws.settings.views and ws.settings.topk:
+            summary["topk_loss"] = children.submit(measure, ["topk_loss"], ws, console.LOGGER.level).result()[0]
+    return rows, summary
 
 
 def _label_summary(settings: ScaleSettings, counted: dict[str, Any]) -> dict[str, Any]:
@@ -829,6 +880,14 @@ def notes(settings: ScaleSettings, rows: list[dict[str, Any]], labels: dict[str,
         found.append("peak RSS could not be reset here (/proc/self/clear_refs): peaks include each step's setup")
     if not settings.views:
         found.append("no views (--views 0): no top-k or view-change step")
+    elif "topk_loss" in labels:
+        loss = labels["topk_loss"]
+        ours, ced = loss["per-teacher top-k"], loss["CED's ensemble top-k"]
+        found.append(f"top-{settings.topk} targets against the ensemble of full views ({loss['clips']} clips, every "
+                     f"view): |dp| mean {ours['mean_abs_dp']:.5f}, max {ours['max_abs_dp']:.4f}, on the exact "
+                     f"top-{settings.topk} classes {ours['mean_abs_dp_exact_topk']:.5f} (CED's top-{settings.topk} of "
+                     f"the ensemble: {ced['mean_abs_dp']:.5f}, {ced['max_abs_dp']:.4f}, "
+                     f"{ced['mean_abs_dp_exact_topk']:.5f})")
     if extrapolate_to:
         found.append(f"extrapolated to {extrapolate_to:,} clips: linearly, but for the key and the eval metrics "
                      "(not per clip: as measured); linear overstates the steps with a fixed part (status, resume, "

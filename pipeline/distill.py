@@ -114,6 +114,15 @@ class ViewTargets(Targets):
                                               self.sample_rate, self.clip_samples))
 
 
+def student_targets(combined: CombinedLogits, config: Config, n_clips: int, sample_rate: int, clip_samples: int,
+                    device: torch.device) -> Targets:
+    """The targets a KD student learns from: each epoch's view with views (consistent teaching), else the
+    clean clips'."""
+    if config.learns_from_views:
+        return ViewTargets(combined, config, n_clips, sample_rate, clip_samples, device)
+    return Targets(combined, n_clips, config.student.kd.temperature, device)
+
+
 def mixed_term(own: torch.Tensor, partner: torch.Tensor | None, has: torch.Tensor, mixup: Mixup | None
                ) -> torch.Tensor:
     """The mean over clips of per-clip BCEs against the clip's own target (`own`) and, under mixup, its

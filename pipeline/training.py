@@ -231,6 +231,14 @@ def train_step(model: nn.Module, frontend: nn.Module, optimizer: torch.optim.Opt
     return loss.detach()
 
 
+def labels_on_device(store: WaveformStore, validation_rows: np.ndarray, device: torch.device
+                     ) -> tuple[torch.Tensor, np.ndarray]:
+    """Every clip's labels on the device as uint8, made float a batch at a time (AudioSet's (2 M, 527): 1.05 GB,
+    4.2 as float32), and the validation rows' as bool on the host; on a GPU the host keeps no other copy."""
+    label_matrix = store.column("labels")
+    return torch.from_numpy(label_matrix).to(device), label_matrix[validation_rows].astype(bool)
+
+
 MODEL, LAST, KEPT, METRICS = "model.pt", "last.pt", "kept.json", "metrics.jsonl"
 OUTPUTS = (MODEL, LAST, KEPT, METRICS)
 """What `fit` leaves in a trained stage's folder (module docstring)."""
@@ -249,12 +257,8 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     """
     assert settings.keep == "last" or len(splits.validation), "keep: best needs a validation split (splits.py)"
     store = WaveformStore.open(store_path)
-    label_matrix = store.column("labels")
-    # uint8 on the device, made float a batch at a time: AudioSet's (2 M, 527) labels are 1.05 GB so, 4.2 as float32
-    labels = torch.from_numpy(label_matrix).to(device)
     validation_rows = splits.validation
-    validation_targets = label_matrix[validation_rows].astype(bool)
-    del label_matrix  # on a GPU the host keeps no copy
+    labels, validation_targets = labels_on_device(store, validation_rows, device)
     members = tuple(getattr(model, "member_names", ()))
     max_frames = getattr(model, "max_frames", None)  # read before wrapping: DDP and compile hide it
     # NHWC: the depthwise and 1x1 convolutions of CNNs run faster in it (mn10 training 1.3x on a CPU).

@@ -57,9 +57,8 @@ def run_for(kd: bool):
         loss_fn, targets, heard = training.label_loss, None, None
         if kd:
             combined = CombinedLogits.in_folder(ctx.upstream[stage_names.ENSEMBLE])
-            targets = (distill.ViewTargets(combined, config, store.n_clips, store.sample_rate, store.clip_samples,
-                                           device) if config.learns_from_views else
-                       distill.Targets(combined, store.n_clips, student.kd.temperature, device))
+            targets = distill.student_targets(combined, config, store.n_clips, store.sample_rate,
+                                              store.clip_samples, device)
             labelled = torch.from_numpy(store.labelled().astype(np.float32)).to(device)
             loss_fn = distill.kd_loss(targets, labelled, student.kd.label_weight)
             heard = distill.confident_classes(combined, student.kd.unlabelled_threshold)

@@ -46,6 +46,10 @@ def test_every_step_is_timed_with_its_memory(scale):
     assert rows["status"]["note"].startswith("4 fresh, 0 stale, 2 missing")
     assert rows["combine"]["disk_bytes"] > 0 and rows["verify"]["disk_bytes"] == rows["naive_read"]["disk_bytes"]
     assert "(extrapolated)" in output and "verify:" in output and "synthetic clips of 32 samples" in output
+    loss = result["labels"]["topk_loss"]  # top-5 of 527 from two teachers: recomputed from the full views
+    assert loss["clips"] == CLIPS and "top-5 targets against the ensemble of full views" in output
+    for name in ("per-teacher top-k", "CED's ensemble top-k"):
+        assert 0 < loss[name]["mean_abs_dp"] <= loss[name]["max_abs_dp"] <= 1
 
 
 def test_the_stores_are_cache_entries_that_open_and_verify(scale):
