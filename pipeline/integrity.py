@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -119,13 +120,30 @@ def find_damage(path: Path, decode: bool = True, verified: set[FileId] | None = 
             files = {(stat.st_dev, stat.st_ino) for stat in stats}
             if not decode or files <= verified:
                 continue
-            try:
-                array[start:stop]
-            except Exception as exc:  # noqa: BLE001 - any decode failure is damage to report
-                found.append(Damage(path, name, start, stop, f"do not decode ({exc})"))
+            problem = _unit_problem(array, [f"{path}/{name}/c/{index}{suffix}" for suffix in suffixes], start, stop)
+            if problem:
+                found.append(Damage(path, name, start, stop, problem))
             else:
                 verified |= files
     return found
+
+
+def _unit_problem(array: zarr.Array, files: list[str], start: int, stop: int) -> str | None:
+    """Why rows start:stop of `array` are damaged, or None. An unsharded array's chunk files end with the crc32c
+    of the bytes before it (array_settings), which is checked on the bytes as stored, at the speed of reading
+    them (decoding zstd first ran at 0.22 GB/s on the development VM); a sharded one is decoded."""
+    if array.shards is not None or not isinstance(array.metadata.codecs[-1], Crc32cCodec):
+        try:
+            array[start:stop]
+        except Exception as exc:  # noqa: BLE001 - any decode failure is damage to report
+            return f"do not decode ({exc})"
+        return None
+    for file in files:
+        with open(file, "rb") as handle:
+            data = handle.read()
+        if len(data) < 4 or np.uint32(google_crc32c.value(np.frombuffer(data, np.uint8)[:-4])).tobytes() != data[-4:]:
+            return "fail their checksum"
+    return None
 
 
 def check_written(path: Path) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import zarr
 from typer.testing import CliRunner
 
+from kdpipe import integrity
 from kdpipe.cli import app
 from kdpipe.errors import KdpipeError
 from kdpipe.integrity import DamagedStore, find_damage
@@ -225,8 +225,9 @@ def test_verify_decodes_a_chunk_two_stores_hard_link_once(tmp_path, monkeypatch)
     write_combined(tmp_path / "c.zarr", np.array(list("abcd")), {"t": TeacherLogits.open(tmp_path / "t.zarr")},
                    {"t": 1.0}, "logits", "float32", {}, {"t": np.ones(4, bool)})
     decoded = []
-    read = zarr.Array.__getitem__
-    monkeypatch.setattr(zarr.Array, "__getitem__", lambda array, key: decoded.append(array.path) or read(array, key))
+    check = integrity._unit_problem
+    monkeypatch.setattr(integrity, "_unit_problem",
+                        lambda array, *where: decoded.append(array.path) or check(array, *where))
     verified = set()
     assert find_damage(tmp_path / "t.zarr", verified=verified) == []
     assert decoded.count("logits") == 2
@@ -236,3 +237,8 @@ def test_verify_decodes_a_chunk_two_stores_hard_link_once(tmp_path, monkeypatch)
     decoded.clear()
     assert find_damage(tmp_path / "c.zarr") == []
     assert decoded.count("teachers/t/logits") == 2
+    flip_bytes(tmp_path / "t.zarr" / "logits" / "c" / "1" / "0", offset=8, count=4)  # rows 2-3, through both links
+    verified = set()
+    for store, array in (("t.zarr", "logits"), ("c.zarr", "teachers/t/logits")):
+        damage = find_damage(tmp_path / store, verified=verified)
+        assert [(d.array, d.start, d.stop, d.reason) for d in damage] == [(array, 2, 4, "fail their checksum")]
