@@ -30,8 +30,8 @@ class 0 on 51.0 % of clips, class 1 on 28.6 %, class 2 on 2.4 %, the rarest on 3
 2.70 labels per clip. With fewer than ~60 classes the top value is capped at class 1's and the mean is
 lower. Labels are drawn in blocks of rows as uint8, never as an (N, C) float array.
 
-Each step runs in a fresh child process forked from a server that has only imported kdpipe (the writes
-share one, as `kdpipe run` builds stages in one process). Its peak RSS is reset after the step's setup
+Each step runs in a fresh child process forked from the bench's, which has only imported kdpipe (the writes
+share one, as `kdpipe run` builds stages in one process); children die with the bench. Its peak RSS is reset after the step's setup
 (Linux' /proc/self/clear_refs), so the peak is the step's own, and the child's RSS right after the imports
 is reported beside it. Linux only.
 """
@@ -41,6 +41,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import sys
@@ -56,7 +57,8 @@ from unittest import mock
 import numpy as np
 import torch
 
-from kdpipe import console, devices, distill, evaluate, integrity, preparation, splits, stage_names, training
+from kdpipe import (console, devices, distill, evaluate, integrity, preparation, processes, splits, stage_names,
+                    training)
 from kdpipe.cache import StageCache
 from kdpipe.config import Config, dump_yaml, load_config
 from kdpipe.errors import ConfigError, KdpipeError
@@ -160,9 +162,6 @@ class RunCode:
     """kdpipe.stages.extract_teachers.eval_metrics: what each teacher's stage measures"""
     status: Callable[..., None]
     """kdpipe.cli.state.status: the `kdpipe status` command"""
-
-    def modules(self) -> list[str]:
-        return sorted({function.__module__ for function in (self.build_stages, self.eval_metrics, self.status)})
 
 
 @dataclass(frozen=True)
@@ -749,12 +748,14 @@ def _measure_step(key: str, ws: Workspace, baseline: int) -> dict[str, Any]:
             **prepared.report()}
 
 
-def _children(code: RunCode) -> ProcessPoolExecutor:
-    """One fresh process per step, forked from a server that has imported kdpipe once (a spawned child
-    would spend seconds importing torch for every step)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, *code.modules()])
-    return ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1)
+def in_child(keys: list[str], ws: Workspace) -> list[dict[str, Any]]:
+    """`measure(keys)` in a fresh child forked from this process, which has imported kdpipe once (a spawned
+    child would spend seconds importing torch for every step) and touched no store or thread pool yet.
+    The child dies with this process (kdpipe.processes)."""
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=processes.die_with_parent,
+                             initargs=(os.getpid(),)) as child:
+        return child.submit(measure, keys, ws, console.LOGGER.level).result()
 
 
 # ------------------------------------------------------------------ the run
@@ -810,19 +811,16 @@ def _run_steps(ws: Workspace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     every = steps(ws.settings)
     groups = [[step for step in every if step.kind == "write"], *([step] for step in every if step.kind != "write")]
     rows = []
-    with _children(ws.code) as children:
-        for group in groups:
-            console.info(f"bench scale: {'; '.join(step.label for step in group)}")
-            measured = children.submit(measure, [step.key for step in group], ws, console.LOGGER.level).result()
-            for step, row in zip(group, measured):
-                rows.append({"step": step.label, "key": step.key, "kind": step.kind, "per_clip": step.per_clip,
-                             **row})
-                console.info(f"  {step.key}: {row['seconds']:.2f} s, peak RSS {row['peak_rss'] / 1e9:.2f} GB")
-            shutil.rmtree(ws.scratch, ignore_errors=True)
-        labels = children.submit(measure, ["labels"], ws, console.LOGGER.level).result()[0]
-        summary = _label_summary(ws.settings, labels)
-        if ws.settings.views and ws.settings.topk:
-            summary["topk_loss"] = children.submit(measure, ["topk_loss"], ws, console.LOGGER.level).result()[0]
+    for group in groups:
+        console.info(f"bench scale: {'; '.join(step.label for step in group)}")
+        measured = in_child([step.key for step in group], ws)
+        for step, row in zip(group, measured):
+            rows.append({"step": step.label, "key": step.key, "kind": step.kind, "per_clip": step.per_clip, **row})
+            console.info(f"  {step.key}: {row['seconds']:.2f} s, peak RSS {row['peak_rss'] / 1e9:.2f} GB")
+        shutil.rmtree(ws.scratch, ignore_errors=True)
+    summary = _label_summary(ws.settings, in_child(["labels"], ws)[0])
+    if ws.settings.views and ws.settings.topk:
+        summary["topk_loss"] = in_child(["topk_loss"], ws)[0]
     return rows, summary
 
 
