@@ -1,4 +1,5 @@
-"""`kdpipe bench ...`: throughput of our path and of a naive baseline, measured side by side, as a ratio."""
+"""`kdpipe bench ...`: throughput of our path and of a naive baseline, side by side, as a ratio; and `scale`,
+the host-side steps at AudioSet's shape with their time and memory."""
 
 from __future__ import annotations
 

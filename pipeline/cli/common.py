@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the resolved config.", no_args_is_help=True)
 cache_app = typer.Typer(help="List and clean the stage cache.", no_args_is_help=True)
-bench_app = typer.Typer(help="Throughput of our path against a naive baseline, side by side.", no_args_is_help=True)
+bench_app = typer.Typer(help="Our path against a naive baseline, side by side (extract, loader, train); "
+                        "AudioSet's shape (scale).", no_args_is_help=True)
 manifest_app = typer.Typer(help="Build manifests from other descriptions of data.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(cache_app, name="cache")
