@@ -364,8 +364,11 @@ def steps(settings: ScaleSettings) -> list[Step]:
     """The steps a run measures, in order (the views' steps only with views)."""
     teachers = [Step(f"build:{stage_names.extract(f't{t}')}", f"write teacher t{t} (extract/t{t}, synthetic "
                      "logits)", "write") for t in range(settings.teachers)]
-    views = [Step("first_view", "top-k targets of view 0 (ViewTargets.start_epoch(0))", "step"),
-             Step("view_change", "view change (ViewTargets.start_epoch(1))", "step")][:min(settings.views, 2)]
+    views = [Step("topk", f"top-{settings.topk} of one chunk's views (keep_topk), per chunk", "step",
+                  per_clip=False),
+             Step("first_view", "top-k targets of view 0 (ViewTargets.start_epoch(0))", "step"),
+             Step("view_change", "view change (ViewTargets.start_epoch(1))", "step")]
+    views = views if settings.views and settings.topk else views[1:1 + min(settings.views, 2)]
     return [
         Step("inputs", "write labels, manifest, class list", "write"),
         Step(f"build:{stage_names.PREPARE}", "write waveform store (prepare, synthetic decoding)", "write"),
@@ -572,6 +575,16 @@ def _draw(ws: Workspace) -> Prepared:
     return Prepared(lambda: batches.extend(plan(0)), report)
 
 
+def _topk(ws: Workspace) -> Prepared:
+    """What write_chunk adds to each chunk of a teacher with views: its views' top-k (a teacher at 2 M clips has
+    -(-2 M // chunk_clips) chunks)."""
+    config, store = ws.config(), WaveformStore.open(ws.store_path)
+    rows = np.arange(min(config.extract.chunk_clips, store.n_clips))
+    views = synthetic_logits(store.labels(rows), config.seed, 0, 0, ws.settings.views)[1]
+    return Prepared(lambda: keep_topk(views, ws.settings.topk, config.extract.dtype),
+                    lambda: {"note": f"{len(rows)} clips x {ws.settings.views} views x {views.shape[2]} classes"})
+
+
 def _view_targets(ws: Workspace) -> distill.Targets:
     store = WaveformStore.open(ws.store_path)
     return kd_targets(ws.config(), store, CombinedLogits.in_folder(ws.entry(stage_names.ENSEMBLE)))
@@ -673,8 +686,9 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 STEPS: dict[str, Callable[[Workspace], Prepared]] = {
     "inputs": _inputs, "open_waveforms": _open_waveforms, "open_logits": _open_logits, "key": _key,
     "status": _status, "combine": _combine, "naive_read": _naive_read, "verify": _verify,
-    "student_start": _student_start, "draw": _draw, "first_view": _first_view, "view_change": _view_change,
-    "resume": _resume, "evaluate": _evaluate, "labels": _label_counts, "topk_loss": _topk_loss,
+    "student_start": _student_start, "draw": _draw, "topk": _topk, "first_view": _first_view,
+    "view_change": _view_change, "resume": _resume, "evaluate": _evaluate, "labels": _label_counts,
+    "topk_loss": _topk_loss,
 }
 
 
