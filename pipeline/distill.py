@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
-from kdpipe.logits_store import CombinedLogits, row_blocks
+from kdpipe.integrity import row_blocks
+from kdpipe.logits_store import CombinedLogits
 from kdpipe.training import LossFn, Mixup
 from kdpipe.views import apply_views, view_params
 

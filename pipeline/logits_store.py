@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 import zarr
 
 from kdpipe.errors import KdpipeError
-from kdpipe.integrity import array_settings, check_written, read_rows
+from kdpipe.integrity import array_settings, check_written, read_rows, row_blocks
 from kdpipe.topk import INDEX_DTYPE, Fill, expand_topk, fill_unkept, keep_topk, kept_mask
 from kdpipe.zarr_groups import create_done_flags, open_group
 
@@ -41,16 +40,6 @@ COMBINED_FORMAT = "kdpipe.teachers/2"
 TEACHER_FILE = "logits.zarr"  # in each extract/<name> output
 COMBINED_FILE = "teachers.zarr"  # in the extract-teachers output
 TOPK_VALUES, TOPK_INDEXES = "views_topk/values", "views_topk/indexes"
-BLOCK_ROWS = 16384
-"""Rows per block when a whole (N, C) array is streamed: (16384, 527) float32 temporaries are 35 MB."""
-
-
-def row_blocks(n_rows: int, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int]]:
-    """(start, stop) of consecutive blocks of rows."""
-    for start in range(0, n_rows, block):
-        yield start, min(start + block, n_rows)
-
-
 class TeacherViews:
     """A teacher's stored views, whole or top-k (read-only; shared by the teacher's and the combined store)."""
 
