@@ -32,7 +32,7 @@ import zarr
 
 from kdpipe.errors import KdpipeError
 from kdpipe.integrity import array_settings, check_written, read_rows, row_blocks
-from kdpipe.topk import INDEX_DTYPE, Fill, expand_topk, fill_unkept, keep_topk, kept_mask
+from kdpipe.topk import INDEX_DTYPE, Fill, expand_topk, fill_unkept, keep_topk, kept_mask, mean_of_topk
 from kdpipe.zarr_groups import create_done_flags, open_group
 
 TEACHER_FORMAT = "kdpipe.teacher-logits/2"
@@ -286,10 +286,13 @@ class CombinedLogits:
         weights, mode = mean["weights"], mean["mode"]
         views = {name: TeacherViews(self.group[f"teachers/{name}"], self.path) for name in weights}
         kept = {name: teacher.kept(view, start, stop) for name, teacher in views.items()}
-        dense = {name: (expand_topk(*kept[name], self.n_classes, "min") if kept[name] is not None else
-                        teacher.dense(view, start, stop, self.n_classes, fill))
-                 for name, teacher in views.items()}
-        logits = ensemble_of(dense, weights, mode, sum(weights.values())).astype(np.float32)
+        if mode == "logits" and all(part is not None for part in kept.values()):
+            logits = mean_of_topk([(*kept[name], weights[name]) for name in views], self.n_classes)
+        else:
+            dense = {name: (expand_topk(*kept[name], self.n_classes, "min") if kept[name] is not None else
+                            teacher.dense(view, start, stop, self.n_classes, fill))
+                     for name, teacher in views.items()}
+            logits = ensemble_of(dense, weights, mode, sum(weights.values())).astype(np.float32)
         if temperature != 1.0:
             logits /= np.float32(temperature)
         if any(part is None for part in kept.values()):

@@ -143,6 +143,24 @@ def expand_topk(values: np.ndarray, indexes: np.ndarray, n_classes: int, fill: F
     return out
 
 
+def mean_of_topk(parts: list[tuple[np.ndarray, np.ndarray, float]], n_classes: int) -> np.ndarray:
+    """(..., C) float32 weighted mean of several top-k rows ((values, indexes, weight) each), a class a part did
+    not keep counted at the smallest value that part kept: the smallest values' mean everywhere, plus each
+    part's excess over its smallest at its kept classes. A row absent in any part is NaN."""
+    total = sum(weight for _values, _indexes, weight in parts)
+    values = [np.asarray(v, dtype=np.float32) for v, _indexes, _weight in parts]
+    smallest = [v.min(axis=-1, keepdims=True) for v in values]
+    base = sum(np.float32(w / total) * low for (_v, _i, w), low in zip(parts, smallest))
+    out = np.empty(values[0].shape[:-1] + (n_classes,), dtype=np.float32)
+    out[...] = base
+    flat = out.reshape(-1, n_classes)
+    rows = np.arange(len(flat))[:, None]
+    for (_v, indexes, weight), value, low in zip(parts, values, smallest):
+        index = np.maximum(indexes, 0).reshape(len(flat), -1)  # an absent row (-1) is NaN through `base`
+        flat[rows, index] += (np.float32(weight / total) * (value - low)).reshape(len(flat), -1)
+    return out
+
+
 def kept_mask(indexes: list[np.ndarray], n_classes: int) -> np.ndarray:
     """(..., C) bool: the classes any of several top-k index arrays (..., k) kept (-1, an absent row: none)."""
     kept = np.zeros(indexes[0].shape[:-1] + (n_classes + 1,), dtype=bool)  # the last column takes the -1s
