@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdpipe import integrity
-from kdpipe.cache import StageCache
+from kdpipe.cache import StageCache, tree_bytes
 from kdpipe.errors import LockBusy
 from kdpipe.fingerprint import sha256_file
 
@@ -51,7 +51,7 @@ def verify_entry(cache: StageCache, stage: str, key: str, *, mark: bool = True,
                 action = _mark(cache, stage, key, damaged_stores, files_damaged)
     except LockBusy as exc:
         return Verdict(stage, key, (), f"skipped: {exc}", 0, 0.0)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    size = tree_bytes(folder) if folder.is_dir() else 0
     return Verdict(stage, key, tuple(problems), action if problems else "ok", size, time.perf_counter() - started)
 
 
