@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdpipe.errors import ConfigError, KdpipeError
 
 if TYPE_CHECKING:
-    from kdpipe.training import FitSettings
     from kdpipe.views import ViewAugment
 
 
@@ -137,7 +136,8 @@ PRECISION = "auto: bf16 autocast on CUDA, fp32 on a CPU (bf16 on a CPU only when
 
 class TrainingConfig(_Section):
     """The schedule both training stages share (EfficientAT's: warm-up, flat, linear ramp-down);
-    `fit_settings` hands it to `training.fit`. Defaults are the student's; teachers override some."""
+    `training.FitSettings.from_config` hands it to `training.fit`. Defaults are the student's; teachers override
+    some."""
 
     epochs: int = Field(200, ge=1)
     epoch_samples: int = Field(100_000, ge=0, description="clips drawn per epoch by the sampler, unlabelled "
@@ -159,16 +159,6 @@ class TrainingConfig(_Section):
     keep: Literal["last", "best"] = Field("last", description="the checkpoint a training keeps: the last epoch "
                                           "(EfficientAT's practice), or the epoch with the best validation mAP "
                                           "(needs a validation split; see data.validation_fraction)")
-
-    def fit_settings(self, eval_batch_size: int, seed: int) -> FitSettings:
-        from kdpipe.training import FitSettings
-
-        return FitSettings(
-            epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs, rampdown_start=self.rampdown_start,
-            rampdown_epochs=self.rampdown_epochs, last_lr_factor=self.last_lr_factor, mixup_alpha=self.mixup_alpha,
-            eval_batch_size=eval_batch_size, num_workers=self.num_workers, seed=seed, precision=self.precision,
-            compile=self.compile, keep=self.keep)
 
 
 class TeacherTrainingConfig(TrainingConfig):

@@ -199,6 +199,17 @@ class FitSettings:
     compile: bool = False
     keep: str = "last"
 
+    @classmethod
+    def from_config(cls, settings: TrainingConfig, eval_batch_size: int, seed: int) -> FitSettings:
+        """A training section of the config (student or teacher_training) as `fit` takes it: here, in code the
+        trained stages' keys hash, not in the schema."""
+        return cls(
+            epochs=settings.epochs, lr=settings.lr, optimizer=settings.optimizer, weight_decay=settings.weight_decay,
+            warmup_epochs=settings.warmup_epochs, rampdown_start=settings.rampdown_start,
+            rampdown_epochs=settings.rampdown_epochs, last_lr_factor=settings.last_lr_factor,
+            mixup_alpha=settings.mixup_alpha, eval_batch_size=eval_batch_size, num_workers=settings.num_workers,
+            seed=seed, precision=settings.precision, compile=settings.compile, keep=settings.keep)
+
     def bf16(self, device: torch.device) -> bool:
         """bf16 autocast for the model's forward (kdpipe.devices says what `auto` means)."""
         return resolve_precision(self.precision, device) == "bf16"

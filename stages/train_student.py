@@ -65,8 +65,8 @@ def run_for(kd: bool):
         if student.representations:
             loss_fn = collaborative.collaborative_loss(loss_fn, student.mutual_weight)
         plan = training.epoch_plan(store, rows.train, student, seed, heard)
-        kept = training.fit(model, frontend, store_path, plan, rows, loss_fn,
-                            student.fit_settings(config.evaluation.batch_size, seed), ctx.out_dir, device, ranks,
+        fit_settings = training.FitSettings.from_config(student, config.evaluation.batch_size, seed)
+        kept = training.fit(model, frontend, store_path, plan, rows, loss_fn, fit_settings, ctx.out_dir, device, ranks,
                             targets if config.learns_from_views else None)
         if not ranks.is_main:
             return {}

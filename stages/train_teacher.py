@@ -68,9 +68,9 @@ def train_one(teacher: TeacherConfig, config: Config, store: WaveformStore, rows
     torch.manual_seed(seed)  # the initial weights too: a rerun trains the same teacher
     model = build_teacher(teacher, len(store.classes))
     frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
+    fit_settings = training.FitSettings.from_config(settings, config.evaluation.batch_size, seed)
     kept = training.fit(model, frontend, store.path, training.epoch_plan(store, rows.train, settings, seed),
-                        rows, training.label_loss, settings.fit_settings(config.evaluation.batch_size, seed),
-                        out_dir, devices.resolve_device(config.device))
+                        rows, training.label_loss, fit_settings, out_dir, devices.resolve_device(config.device))
     return {"arch": teacher.arch, **kept, "parameters": sum(p.numel() for p in model.parameters())}
 
 

@@ -61,6 +61,22 @@ def test_editing_an_imported_module_changes_the_key(monkeypatch):
     assert source_hash(student.code) != before
 
 
+def test_how_a_training_section_becomes_fit_settings_is_in_the_trained_stages_keys(monkeypatch):
+    """The mapping of a config section onto what `fit` runs is code (training.FitSettings.from_config), not schema:
+    an edit to its body moves the key of every trained stage (issue 23; config.py is not hashed)."""
+    import kdpipe.training as training
+
+    config = load_config(None, ["teachers.0.arch=mn_tiny"], check_files=False)
+    trained = [stage for stage in build_stages(config) if stage.name.startswith(("train-student", "train-teacher"))]
+    assert len(trained) == 2 and all(training in code_closure(stage.code) for stage in trained)
+    before = [source_hash(stage.code) for stage in trained]
+    real = inspect.getsource
+    edited = real(training).replace("epochs=settings.epochs,", "epochs=settings.epochs + 0,")
+    assert edited != real(training)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: edited if obj is training else real(obj))
+    assert all(source_hash(stage.code) != key for stage, key in zip(trained, before))
+
+
 def test_unkeyed_fields_never_reach_a_key(tmp_path):
     """Fields marked unkeyed in the config schema (speed and placement) rebuild nothing; a keyed one does."""
     base = keys(tmp_path)
