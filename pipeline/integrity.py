@@ -113,15 +113,16 @@ def find_damage(path: Path, decode: bool = True, verified: set[FileId] | None = 
         suffixes = _chunk_suffixes(array)
         for index in np.flatnonzero(written):
             start, stop = int(index) * unit, min((int(index) + 1) * unit, array.shape[0])
+            unit_files = [f"{path}/{name}/c/{index}{suffix}" for suffix in suffixes]
             try:
-                stats = [os.stat(f"{path}/{name}/c/{index}{suffix}") for suffix in suffixes]
+                stats = [os.stat(file) for file in unit_files]
             except FileNotFoundError:
                 found.append(Damage(path, name, start, stop, "are missing"))
                 continue
             files = {(stat.st_dev, stat.st_ino) for stat in stats}
             if not decode or files <= verified:
                 continue
-            problem = _unit_problem(array, [f"{path}/{name}/c/{index}{suffix}" for suffix in suffixes], start, stop)
+            problem = _unit_problem(array, unit_files, start, stop)
             if problem:
                 found.append(Damage(path, name, start, stop, problem))
             else:
@@ -193,15 +194,6 @@ def row_blocks(n_rows: int, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int]
     """(start, stop) of consecutive blocks of rows."""
     for start in range(0, n_rows, block):
         yield start, min(start + block, n_rows)
-
-
-def read_whole(array: zarr.Array, store: Path) -> np.ndarray:
-    """Every row of `array`, read a block of rows at a time into one array: reading it in one call held a
-    second copy while decoding (AudioSet's labels: 1 GB more at a training start)."""
-    out = np.empty(array.shape, dtype=array.dtype)
-    for start, stop in row_blocks(array.shape[0], max(BLOCK_ROWS, array.chunks[0])):
-        out[start:stop] = read_rows(array, store, start, stop)
-    return out
 
 
 def ready_to_resume(path: Path) -> bool:

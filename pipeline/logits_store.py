@@ -14,7 +14,7 @@ Combined (`teachers.zarr`, what stage two reads):
   ensemble/logits (N, C)                  weighted mean of the teachers' clean logits
 A view's ensemble target is computed when it is read (`CombinedLogits.read_view`), from every teacher's
 stored view, in blocks of rows. Why views are stored per teacher as top-k, and what that costs the
-ensemble, is README's "Views at AudioSet scale": a teacher's full views are 84 GB at AudioSet's
+ensemble, is README's "Storage: views at AudioSet scale": a teacher's full views are 84 GB at AudioSet's
 2 M clips and K = 40, its top-20 6.4 GB, and adding a teacher computes that teacher alone.
 Rows are the waveform store's rows, so no lookup by id is ever needed inside
 kdpipe; `clip_id` is there for export and for humans.
@@ -40,6 +40,8 @@ COMBINED_FORMAT = "kdpipe.teachers/2"
 TEACHER_FILE = "logits.zarr"  # in each extract/<name> output
 COMBINED_FILE = "teachers.zarr"  # in the extract-teachers output
 TOPK_VALUES, TOPK_INDEXES = "views_topk/values", "views_topk/indexes"
+
+
 class TeacherViews:
     """A teacher's stored views, whole or top-k (read-only; shared by the teacher's and the combined store)."""
 
@@ -62,13 +64,10 @@ class TeacherViews:
         return (read_rows(values, self.path, start, stop, column=view),
                 read_rows(indexes, self.path, start, stop, column=view))
 
-    def dense(self, view: int, start: int, stop: int, n_classes: int, fill: Fill) -> np.ndarray:
-        """(rows, C) float32 logits of view `view` of rows start:stop; from top-k, `fill` elsewhere."""
-        kept = self.kept(view, start, stop)
-        if kept is None:
-            assert self.whole is not None, f"{self.path} has no views"
-            return read_rows(self.whole, self.path, start, stop, column=view).astype(np.float32)
-        return expand_topk(*kept, n_classes, fill)
+    def every_class(self, view: int, start: int, stop: int) -> np.ndarray:
+        """(rows, C) float32 logits of view `view` of rows start:stop, stored whole."""
+        assert self.whole is not None, f"{self.path} has no views stored whole"
+        return read_rows(self.whole, self.path, start, stop, column=view).astype(np.float32)
 
 
 class TeacherLogits:
@@ -290,7 +289,7 @@ class CombinedLogits:
             logits = mean_of_topk([(*kept[name], weights[name]) for name in views], self.n_classes)
         else:
             dense = {name: (expand_topk(*kept[name], self.n_classes, "min") if kept[name] is not None else
-                            teacher.dense(view, start, stop, self.n_classes, fill))
+                            teacher.every_class(view, start, stop))
                      for name, teacher in views.items()}
             logits = ensemble_of(dense, weights, mode, sum(weights.values())).astype(np.float32)
         if temperature != 1.0:

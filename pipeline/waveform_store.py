@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 
 from kdpipe.classes import ClassList
-from kdpipe.integrity import array_settings, check_written, read_rows, read_whole
+from kdpipe.integrity import array_settings, check_written, read_rows
 from kdpipe.zarr_groups import create_done_flags, open_group
 
 FORMAT = "kdpipe.waveforms/2"
@@ -141,7 +141,7 @@ class WaveformStore:
         """A whole per-clip array: clip_id, split, labels, labelled, status or message. One-dimensional ones are
         read once per handle (a training start asks for `labelled` and `status` several times)."""
         if name == "labels":
-            return read_whole(self.group[name], self.path)
+            return read_rows(self.group[name], self.path)
         if name not in self._columns:
             column = read_rows(self.group[name], self.path)
             column.flags.writeable = False  # shared by every caller
