@@ -31,6 +31,7 @@ from kdpipe.models import create_model
 from kdpipe.models.complexity import count_macs
 from kdpipe.models.windowing import clip_forward
 from kdpipe.training import label_loss, train_step
+from kdpipe.view_plan import ViewPlan
 from kdpipe.views import CLEAN, ViewParams, apply_views, view_params
 from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
@@ -86,7 +87,9 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
         store_path = random_store(root / "waves.zarr", clips, seconds, sample_rate, AUDIOSET_CLASSES)
         checkpoint = root / "teacher.pt"
         torch.save(model.state_dict(), checkpoint)
-        spec = TeacherSpec(arch, arch, (checkpoint,), precision=precision, compile=compile, views=views)
+        plan = ViewPlan(count=views)
+        spec = TeacherSpec(name=arch, arch=arch, checkpoints=(checkpoint,), precision=precision, compile=compile,
+                           views=plan)
         teacher = Teacher(spec, sample_rate, device, batch_size)
         store = WaveformStore.open(store_path)
         warm = torch.from_numpy(store.read(np.arange(min(batch_size, clips))))
@@ -101,14 +104,14 @@ def bench_extract(arch: str, clips: int, seconds: float, batch_size: int, device
         ours, naive = [], []
         for round_ in range(rounds):
             logits = TeacherLogits.create(root / f"logits_{round_}.zarr", clips, AUDIOSET_CLASSES, 4096, "float16", {},
-                                          views)
+                                          plan)
             ours.append(clips * (1 + views) / extract_local(teacher, store_path, logits,
                                                             list(range(logits.n_chunks)), batch_size, num_workers))
             started = time.perf_counter()
             for row in console.track(rows, len(rows), "naive loop"):
                 wave = store.read(np.array([row]))[0]
                 for view in (CLEAN, *range(views)):
-                    naive_logits(model, frontend, wave, device, view_params([row], view, 0, spec.augment,
+                    naive_logits(model, frontend, wave, device, view_params([row], view, plan.seed, plan.augment,
                                                                             sample_rate, wave.shape[0]))
             _sync(device)
             naive.append(len(rows) * (1 + views) / (time.perf_counter() - started))

@@ -68,6 +68,7 @@ from kdpipe.runner import Pipeline
 from kdpipe.stage import Stage, StageContext
 from kdpipe.topk import expand_topk, keep_topk
 from kdpipe.verify import verify_entry
+from kdpipe.view_plan import ViewPlan
 from kdpipe.waveform_store import OK, STORE_FILE, WaveformStore
 
 HEAD = (0.5, 0.28)
@@ -325,7 +326,7 @@ def synthetic_teacher(index: int, label: str, eval_metrics: Callable[..., dict[s
         resume = path.exists() and integrity.ready_to_resume(path)
         logits = (TeacherLogits.open(path, mode="r+") if resume else TeacherLogits.create(
             path, store.n_clips, len(store.classes), settings.chunk_clips, settings.dtype, {"teacher": label},
-            settings.views, settings.topk))
+            ViewPlan.from_config(settings), settings.topk))
         todo = [chunk for chunk, done in enumerate(logits.done_chunks()) if not done]
         for chunk in console.track(todo, len(todo), f"{label}: synthetic logits"):
             rows = logits.chunk_rows(chunk)
@@ -333,7 +334,7 @@ def synthetic_teacher(index: int, label: str, eval_metrics: Callable[..., dict[s
             logits.write_chunk(chunk, *synthetic_logits(labels, ctx.config.seed, index, chunk, settings.views))
             logits.mark_done(chunk)
         metrics = eval_metrics(logits.read_at, store, ctx.config.evaluation.split)
-        attributes = {"teacher": label, "arch": "synthetic (kdpipe bench scale)", "views": settings.views,
+        attributes = {"teacher": label, "arch": "synthetic (kdpipe bench scale)",
                       "chunks_written": len(todo), **metrics}
         logits.group.attrs.update(attributes)
         return attributes

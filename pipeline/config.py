@@ -12,15 +12,12 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import ConfigError, KdpipeError
-
-if TYPE_CHECKING:
-    from kdpipe.views import ViewAugment
 
 
 class _Section(BaseModel):
@@ -197,11 +194,6 @@ class AugmentConfig(_Section):
             raise ValueError("a range [low, high] with 0 < low <= high")
         return band
 
-    def settings(self) -> ViewAugment:
-        from kdpipe.views import ViewAugment
-
-        return ViewAugment(**self.model_dump())
-
 
 class ExtractConfig(_Section):
     batch_size: int = unkeyed(64, "clips per forward pass; halves itself on out-of-memory", ge=1)
@@ -298,12 +290,6 @@ class Config(_Section):
     device: str = unkeyed("auto", "auto, cpu, cuda or cuda:N (the precision it implies is keyed)",
                           pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     seed: int = Field(0, ge=0)
-
-    @property
-    def learns_from_views(self) -> bool:
-        """Consistent teaching: the KD student learns each epoch's view from its stored target."""
-        views = self.extract.views > 0 if self.student.kd.views is None else self.student.kd.views
-        return self.student.kd.enabled and views
 
     def teacher(self, label: str) -> TeacherConfig:
         """The teacher entry called `label`."""
@@ -476,47 +462,6 @@ def _field_names_at(loc: tuple[Any, ...]) -> list[str]:
         args = getattr(annotation, "__args__", ())
         model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), model)
     return list(model.model_fields)
-
-
-# -------------------------------------------------------------- canonical form
-def resolved_settings(config: Config) -> Config:
-    """The config as stage keys see it: each setting that defaults to another replaced by its resolved value.
-
-    Every spelling of one run then has one key: `student.seed` unset and set to `seed`; a teacher's
-    `name` unset and set to its arch; `student.arch: mn10` and `mobilenetv3` at width 1.0 (and
-    `student.width`, which only `mobilenetv3` reads, at its default for every other arch);
-    `student.kd.views` unset and what it defaults to (extract.views > 0);
-    `precision: auto` and the precision it means on `device` (kdpipe.devices); a relative path
-    and the absolute one (relative paths are relative to the working directory).
-    """
-    from kdpipe.devices import resolve_device, resolve_precision
-    from kdpipe.models.mobilenet import NAME_TO_WIDTH
-
-    data = _absolute_paths(config.model_dump())
-    student = data["student"]
-    student["seed"] = data["seed"] if student["seed"] is None else student["seed"]
-    if student["arch"] in NAME_TO_WIDTH:
-        student["arch"], student["width"] = "mobilenetv3", NAME_TO_WIDTH[student["arch"]]
-    elif student["arch"] != "mobilenetv3":
-        student["width"] = StudentConfig.model_fields["width"].default
-    for teacher, entry in zip(config.teachers, data["teachers"]):
-        entry["name"] = teacher.label
-    if student["kd"]["views"] is None:
-        student["kd"]["views"] = config.extract.views > 0
-    device = resolve_device(config.device)
-    for section in ("teacher_training", "extract", "student"):
-        data[section]["precision"] = resolve_precision(data[section]["precision"], device)
-    return Config.model_validate(data)
-
-
-def _absolute_paths(value: Any) -> Any:
-    if isinstance(value, Path):
-        return value.expanduser().resolve()
-    if isinstance(value, dict):
-        return {key: _absolute_paths(child) for key, child in value.items()}
-    if isinstance(value, list):
-        return [_absolute_paths(child) for child in value]
-    return value
 
 
 def to_plain(config: BaseModel) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kdpipe import distributed
-from kdpipe.stage import SINGLE, Ranks
+from kdpipe.distributed import SINGLE, Ranks
 
 PRECISIONS = ("auto", "fp32", "bf16")
 

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.config import Config
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.integrity import row_blocks
 from kdpipe.logits_store import CombinedLogits
 from kdpipe.training import LossFn, Mixup
+from kdpipe.view_plan import ViewPlan
 from kdpipe.views import apply_views, view_params
 
 
@@ -93,16 +94,22 @@ class ViewTargets(Targets):
 
     def __init__(self, combined: CombinedLogits, config: Config, n_clips: int, sample_rate: int,
                  clip_samples: int, device: torch.device):
-        if not combined.n_views:
+        self.plan = combined.view_plan  # what the teachers heard, whatever the config says
+        if not self.plan.count:
             raise KdpipeError(f"{combined.path} has no views: set extract.views > 0, or student.kd.views: false")
+        wanted = ViewPlan.from_config(config.extract)
+        if wanted != self.plan:
+            raise ConfigError(f"extract: {combined.path} holds views made by {self.plan}; the config asks for "
+                              f"{wanted} ({'; '.join(self.plan.differences(wanted))}). Train against a store "
+                              "extracted with this config's views, or set extract.views, view_seed and augment "
+                              "to the store's")
         self._allocate(combined, n_clips, device)  # filled by start_epoch
         self.temperature, self.fill = config.student.kd.temperature, config.student.kd.topk_fill
-        self.augment_settings, self.view_seed = config.extract.augment.settings(), config.extract.view_seed
         self.sample_rate, self.clip_samples = sample_rate, clip_samples
         self.view = -1
 
     def start_epoch(self, epoch: int) -> None:
-        view = epoch % self.combined.n_views
+        view = epoch % self.plan.count
         if view != self.view:
             self.view = view
             # tempered before the fill (kdpipe.topk), so the classes not kept get the fill's probability at any T
@@ -111,15 +118,26 @@ class ViewTargets(Targets):
 
     def augment(self, waves: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """This epoch's view of each clip, bit-identical to what the teachers heard on this device type."""
-        return apply_views(waves, view_params(rows, self.view, self.view_seed, self.augment_settings,
-                                              self.sample_rate, self.clip_samples))
+        return apply_views(waves, view_params(rows, self.view, self.plan.seed, self.plan.augment, self.sample_rate,
+                                              self.clip_samples))
+
+
+def learns_from_views(config: Config) -> bool:
+    """Consistent teaching: the KD student learns each epoch's view from its stored target (`student.kd.views`;
+    unset, whenever there are views)."""
+    return config.student.kd.enabled and resolved_kd_views(config)
+
+
+def resolved_kd_views(config: Config) -> bool:
+    """`student.kd.views` with its default resolved: true when the teachers label views (extract.views > 0)."""
+    return config.extract.views > 0 if config.student.kd.views is None else config.student.kd.views
 
 
 def student_targets(combined: CombinedLogits, config: Config, n_clips: int, sample_rate: int, clip_samples: int,
                     device: torch.device) -> Targets:
     """The targets a KD student learns from: each epoch's view with views (consistent teaching), else the
     clean clips'."""
-    if config.learns_from_views:
+    if learns_from_views(config):
         return ViewTargets(combined, config, n_clips, sample_rate, clip_samples, device)
     return Targets(combined, n_clips, config.student.kd.temperature, device)
 

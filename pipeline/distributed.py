@@ -12,24 +12,37 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdpipe.stage import SINGLE, Ranks, StageContext
-
-if TYPE_CHECKING:
-    from kdpipe.runner import Pipeline
-
 # Rank 0 may build upstream stages (hours at AudioSet scale) while the others wait in a collective.
 UPSTREAM_TIMEOUT = timedelta(hours=24)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes building one stage together (DDP); a world of one by default."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Ranks()
 
 
 def under_torchrun() -> bool:
@@ -111,27 +124,3 @@ def gather(value: Any, ranks: Ranks) -> list[Any]:
 def barrier(ranks: Ranks) -> None:
     if ranks.distributed:
         dist.barrier()
-
-
-def ensure_on_every_rank(pipeline: Pipeline, name: str, ranks: Ranks, force: bool = False) -> Path | None:
-    """Build stage `name` with every rank taking part; only rank 0 touches the cache.
-
-    Rank 0 brings the upstream stages up to date, then builds `name` as usual (lock,
-    output folder, record) while the other ranks run the same stage on the context it
-    sends them. When the output is already cached, every rank returns at once.
-    Returns the output folder on rank 0, None on the others.
-    """
-    plan = None
-    if ranks.is_main:
-        upstream = {up: pipeline.ensure(up) for up in pipeline.stage(name).upstream}
-        key = pipeline.key(name)
-        if force or pipeline.cache.record(name, key) is None:
-            plan = (upstream, key, pipeline.components(name).inputs)
-    plan = broadcast(plan, ranks)
-    if ranks.is_main:
-        return pipeline.ensure(name, force=force)
-    if plan is not None:
-        upstream, key, inputs = plan
-        out_dir = pipeline.cache.entry_dir(name, key)
-        pipeline.stage(name).run(StageContext(pipeline.config, out_dir, upstream, key, inputs, ranks))
-    return None

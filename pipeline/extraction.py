@@ -32,7 +32,8 @@ from kdpipe.loader import batch_loader, sequential_batches
 from kdpipe.logits_store import TeacherLogits
 from kdpipe.models.windowing import clip_forward
 from kdpipe.teachers import CrossFitted, load_teacher, per_row
-from kdpipe.views import CLEAN, ViewAugment, apply_views, view_params
+from kdpipe.view_plan import NO_VIEWS, ViewPlan
+from kdpipe.views import CLEAN, apply_views, view_params
 from kdpipe.waveform_store import WaveformStore
 
 Block = tuple[np.ndarray, np.ndarray | None]
@@ -50,9 +51,7 @@ class TeacherSpec:
     frontend: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # resolved on the device that runs it (kdpipe.devices)
     compile: bool = False
-    views: int = 0  # augmented views per clip besides the clean clip
-    view_seed: int = 0
-    augment: ViewAugment = field(default_factory=ViewAugment)
+    views: ViewPlan = NO_VIEWS  # the augmented views of each clip it also labels
     unseen: Path | None = None  # a cross-fitted teacher's unseen_fold.npy: which model labels each row
 
 
@@ -85,18 +84,19 @@ class Teacher:
         floats = int16_to_float(waves.to(self.device, non_blocking=True))
         if view != CLEAN:
             assert rows is not None, "a view is a function of the clip's store row"
-            floats = apply_views(floats, view_params(rows, view, self.spec.view_seed, self.spec.augment,
-                                                     self.sample_rate, floats.shape[1]))
+            plan = self.spec.views
+            floats = apply_views(floats, view_params(rows, view, plan.seed, plan.augment, self.sample_rate,
+                                                     floats.shape[1]))
         unseen = None if self.unseen is None or rows is None else self.unseen[torch.from_numpy(np.asarray(rows))]
         return self._batched(floats, unseen)
 
     def outputs(self, waves: torch.Tensor, rows: np.ndarray) -> Block:
         """A batch's clean logits and, with views, every view's: views are batched like clips."""
         clean = self.logits(waves, CLEAN, rows).cpu().numpy()
-        if not self.spec.views:
+        if not self.spec.views.count:
             return clean, None
-        return clean, np.stack([self.logits(waves, view, rows).cpu().numpy() for view in range(self.spec.views)],
-                               axis=1)
+        return clean, np.stack([self.logits(waves, view, rows).cpu().numpy()
+                                for view in range(self.spec.views.count)], axis=1)
 
     def _batched(self, floats: torch.Tensor, unseen: torch.Tensor | None) -> torch.Tensor:
         """Logits batch by batch; halves the batch on out-of-memory and remembers it."""

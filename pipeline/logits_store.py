@@ -7,11 +7,13 @@ Per teacher (`logits.zarr`, the unit of caching and resume):
   views_topk/indexes (N, K, k)  and their int16 class indexes; chunked one view at a time, so a
                                 training epoch reads only its view
   done   (chunks,) bool: chunks completely written (logits and views), set after their data
+  attribute view_plan: the recipe of the views (kdpipe.view_plan), which a student checks its config against
 Combined (`teachers.zarr`, what stage two reads):
   clip_id (N,) str                        aligned with the waveform store
   teachers/<name>/...                     each teacher's arrays, hard links to its store's chunk files
                                           (a copy only across file systems): no second copy on disk
   ensemble/logits (N, C)                  weighted mean of the teachers' clean logits
+  attribute view_plan                     the teachers' one view recipe
 A view's ensemble target is computed when it is read (`CombinedLogits.read_view`), from every teacher's
 stored view, in blocks of rows. Why views are stored per teacher as top-k, and what that costs the
 ensemble, is README's "Storage: views at AudioSet scale": a teacher's full views are 84 GB at AudioSet's
@@ -33,13 +35,15 @@ import zarr
 from kdpipe.errors import KdpipeError
 from kdpipe.integrity import array_settings, check_written, read_rows, row_blocks
 from kdpipe.topk import INDEX_DTYPE, Fill, expand_topk, fill_unkept, keep_topk, kept_mask, mean_of_topk
+from kdpipe.view_plan import NO_VIEWS, ViewPlan
 from kdpipe.zarr_groups import create_done_flags, open_group
 
-TEACHER_FORMAT = "kdpipe.teacher-logits/2"
-COMBINED_FORMAT = "kdpipe.teachers/2"
+TEACHER_FORMAT = "kdpipe.teacher-logits/3"
+COMBINED_FORMAT = "kdpipe.teachers/3"
 TEACHER_FILE = "logits.zarr"  # in each extract/<name> output
 COMBINED_FILE = "teachers.zarr"  # in the extract-teachers output
 TOPK_VALUES, TOPK_INDEXES = "views_topk/values", "views_topk/indexes"
+VIEW_PLAN = "view_plan"  # attribute: the ViewPlan the views were made by (kdpipe.view_plan)
 
 
 class TeacherViews:
@@ -82,14 +86,16 @@ class TeacherLogits:
 
     @classmethod
     def create(cls, path: Path, n_clips: int, n_classes: int, chunk_clips: int, dtype: str,
-               attributes: dict[str, Any], views: int = 0, topk: int = 0) -> TeacherLogits:
-        """A store for `views` views per clip besides the clean clip, each kept whole or, with
-        0 < `topk` < `n_classes`, as its top-k."""
+               attributes: dict[str, Any], plan: ViewPlan = NO_VIEWS, topk: int = 0) -> TeacherLogits:
+        """A store for the clean clips and the views `plan` describes (recorded as attribute `view_plan`), each
+        view kept whole or, with 0 < `topk` < `n_classes`, as its top-k."""
         chunk_clips = max(1, min(chunk_clips, n_clips))
+        views = plan.count
         by_topk = views and 0 < topk < n_classes
         view_arrays = [TOPK_VALUES, TOPK_INDEXES] if by_topk else ["views"] if views else []
-        group = zarr.open_group(path, mode="w", attributes={"format": TEACHER_FORMAT,
-                                                             "unit_arrays": ["logits", *view_arrays], **attributes})
+        group = zarr.open_group(path, mode="w", attributes={
+            "format": TEACHER_FORMAT, "unit_arrays": ["logits", *view_arrays], VIEW_PLAN: plan.to_json(),
+            **attributes})
         group.create_array("logits", shape=(n_clips, n_classes), dtype=dtype, chunks=(chunk_clips, n_classes),
                            fill_value=np.nan, dimension_names=("clip", "class"), **array_settings())
         names = ("clip", "view", "rank" if by_topk else "class")
@@ -104,6 +110,11 @@ class TeacherLogits:
                                dimension_names=names, **array_settings())
         create_done_flags(group, -(-n_clips // chunk_clips))
         return cls(group, path)
+
+    @property
+    def view_plan(self) -> ViewPlan:
+        """The recipe of the views this store holds, as recorded when it was created."""
+        return ViewPlan.from_json(self.group.attrs[VIEW_PLAN])
 
     @property
     def n_views(self) -> int:
@@ -183,11 +194,12 @@ def write_combined(path: Path, clip_ids: np.ndarray, teachers: dict[str, Teacher
     first = next(iter(teachers.values())).logits
     n_clips, n_classes = first.shape
     chunk = first.chunks[0]
-    n_views = {store.n_views for store in teachers.values()}
-    if len(n_views) != 1:
-        raise KdpipeError(f"the teachers were extracted with different numbers of views ({sorted(n_views)})")
-    group = zarr.open_group(path, mode="w", attributes={"format": COMBINED_FORMAT, "views": n_views.pop(),
-                                                         **attributes})
+    plans = {name: store.view_plan for name, store in teachers.items()}
+    if len(set(plans.values())) != 1:
+        raise KdpipeError("the teachers' views were made by different recipes: " +
+                          "; ".join(f"{name}: {plan}" for name, plan in plans.items()))
+    group = zarr.open_group(path, mode="w", attributes={
+        "format": COMBINED_FORMAT, VIEW_PLAN: next(iter(plans.values())).to_json(), **attributes})
     group.create_array("clip_id", shape=(n_clips,), dtype=str, chunks=(chunk,), **array_settings())[:] = clip_ids
     for name, store in teachers.items():
         group.require_group(f"teachers/{name}")
@@ -264,9 +276,14 @@ class CombinedLogits:
         return read_rows(self.group["clip_id"], self.path)
 
     @property
+    def view_plan(self) -> ViewPlan:
+        """The recipe of the views every teacher of this store heard (recorded at extraction)."""
+        return ViewPlan.from_json(self.group.attrs[VIEW_PLAN])
+
+    @property
     def n_views(self) -> int:
         """K, the augmented views per clip the ensemble has targets for (0: clean clips only)."""
-        return int(self.group.attrs["views"])
+        return self.view_plan.count
 
     def read_view(self, view: int, fill: Fill = "zero", temperature: float = 1.0, start: int = 0,
                   stop: int | None = None) -> np.ndarray:

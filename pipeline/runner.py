@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kdpipe import atomic, console
+from kdpipe import atomic, console, distributed
 from kdpipe.cache import StageCache, environment_versions
 from kdpipe.config import Config
+from kdpipe.distributed import SINGLE, Ranks
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.fingerprint import FingerprintDB
 from kdpipe.integrity import FileId
-from kdpipe.stage import SINGLE, KeyComponents, Ranks, Stage, StageContext, explain_change, key_components
+from kdpipe.stage import KeyComponents, Stage, StageContext, explain_change, key_components
 from kdpipe.verify import Verdict, output_digests, verify_entry
 
 State = Literal["fresh", "stale", "missing"]
@@ -155,3 +156,27 @@ class Pipeline:
     def referenced_keys(self) -> dict[str, str]:
         """The key of every stage under the current config: what `cache gc` keeps."""
         return {name: self.key(name) for name in self.stages}
+
+
+def ensure_on_every_rank(pipeline: Pipeline, name: str, ranks: Ranks, force: bool = False) -> Path | None:
+    """Build stage `name` with every rank taking part; only rank 0 touches the cache.
+
+    Rank 0 brings the upstream stages up to date, then builds `name` as usual (lock,
+    output folder, record) while the other ranks run the same stage on the context it
+    sends them. When the output is already cached, every rank returns at once.
+    Returns the output folder on rank 0, None on the others.
+    """
+    plan = None
+    if ranks.is_main:
+        upstream = {up: pipeline.ensure(up) for up in pipeline.stage(name).upstream}
+        key = pipeline.key(name)
+        if force or pipeline.cache.record(name, key) is None:
+            plan = (upstream, key, pipeline.components(name).inputs)
+    plan = distributed.broadcast(plan, ranks)
+    if ranks.is_main:
+        return pipeline.ensure(name, force=force)
+    if plan is not None:
+        upstream, key, inputs = plan
+        out_dir = pipeline.cache.entry_dir(name, key)
+        pipeline.stage(name).run(StageContext(pipeline.config, out_dir, upstream, key, inputs, ranks))
+    return None

@@ -3,7 +3,7 @@
 The key of a stage is a sha256 over canonical JSON of
   - the stage's name and schema version (bumped when output meaning changes);
   - the config subset it declares (canonical typed values, not YAML text; each setting that defaults
-    to another at its resolved value: config.resolved_settings);
+    to another at its resolved value: `resolved_settings`);
   - its upstream stages' keys (Merkle chaining: O(config), not O(data));
   - a hash of its own source code (declared modules or functions);
   - fingerprints of external inputs (manifest and checkpoint contents).
@@ -19,28 +19,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kdpipe.config import Config, canonical_json, keyed_values, resolved_settings, select
+from kdpipe.config import Config, StudentConfig, canonical_json, keyed_values, select
+from kdpipe.distributed import SINGLE, Ranks
 from kdpipe.fingerprint import FingerprintDB, sha256_text, source_hash
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place among the processes building one stage together (DDP); a world of one by default."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-SINGLE = Ranks()
 
 
 @dataclass
@@ -83,6 +64,44 @@ class Stage:
         config = resolved_settings(config)
         keyed = keyed_values(config)
         return {**{name: select(keyed, name) for name in self.params}, **self.param_values(config)}
+
+
+def resolved_settings(config: Config) -> Config:
+    """The config as stage keys see it: each setting that defaults to another replaced by its resolved value.
+
+    Every spelling of one run then has one key: `student.seed` unset and set to `seed`; a teacher's
+    `name` unset and set to its arch; `student.arch: mn10` and `mobilenetv3` at width 1.0 (and
+    `student.width`, which only `mobilenetv3` reads, at its default for every other arch);
+    `student.kd.views` unset and what it defaults to (extract.views > 0);
+    `precision: auto` and the precision it means on `device` (kdpipe.devices); a relative path
+    and the absolute one (relative paths are relative to the working directory).
+    """
+    from kdpipe.devices import resolve_device, resolve_precision
+    from kdpipe.distill import resolved_kd_views
+    from kdpipe.students import canonical_arch
+
+    data = _absolute_paths(config.model_dump())
+    student = data["student"]
+    student["seed"] = data["seed"] if student["seed"] is None else student["seed"]
+    student["arch"], width = canonical_arch(student["arch"], student["width"])
+    student["width"] = StudentConfig.model_fields["width"].default if width is None else width
+    for teacher, entry in zip(config.teachers, data["teachers"]):
+        entry["name"] = teacher.label
+    student["kd"]["views"] = resolved_kd_views(config)
+    device = resolve_device(config.device)
+    for section in ("teacher_training", "extract", "student"):
+        data[section]["precision"] = resolve_precision(data[section]["precision"], device)
+    return Config.model_validate(data)
+
+
+def _absolute_paths(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.expanduser().resolve()
+    if isinstance(value, dict):
+        return {key: _absolute_paths(child) for key, child in value.items()}
+    if isinstance(value, list):
+        return [_absolute_paths(child) for child in value]
+    return value
 
 
 @dataclass(frozen=True)

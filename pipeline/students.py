@@ -17,18 +17,28 @@ from torch import nn
 from kdpipe import atomic, collaborative, frontends
 from kdpipe.config import StudentConfig
 from kdpipe.models import create_model, load_checkpoint
+from kdpipe.models.mobilenet import NAME_TO_WIDTH
 from kdpipe.training import MODEL
 
 DESCRIPTION = "student.json"
 
 
+def canonical_arch(arch: str, width: float) -> tuple[str, float | None]:
+    """One spelling per student network: a named MobileNet (`mn10`) is `mobilenetv3` at its width, and
+    `student.width` counts for the width-free `mobilenetv3` entry only (None: the arch has no width)."""
+    if arch in NAME_TO_WIDTH:
+        return "mobilenetv3", NAME_TO_WIDTH[arch]
+    return arch, width if arch == "mobilenetv3" else None
+
+
 def build_student(student: StudentConfig, num_classes: int, representation: str = "mel") -> nn.Module:
-    """The student architecture; `student.width` applies to the width-free `mobilenetv3` entry.
+    """The student architecture (`canonical_arch` says what `student.width` means).
 
     `representation` swaps the model's mel frontend for MFCC or STFT features of the same shape.
     """
-    extra = {"width": student.width} if student.arch == "mobilenetv3" else {}
-    model = create_model(student.arch, **{"num_classes": num_classes, **extra, **student.options})
+    arch, width = canonical_arch(student.arch, student.width)
+    extra = {} if width is None else {"width": width}
+    model = create_model(arch, **{"num_classes": num_classes, **extra, **student.options})
     if representation != "mel":
         model.frontend_config = frontends.representation_config(model.frontend_config, representation)
     return model

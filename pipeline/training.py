@@ -26,7 +26,7 @@ from torch import nn
 
 from kdpipe import atomic, console, distributed
 from kdpipe.devices import resolve_precision
-from kdpipe.stage import SINGLE, Ranks
+from kdpipe.distributed import SINGLE, Ranks
 from kdpipe.errors import KdpipeError
 from kdpipe.frontends import int16_to_float
 from kdpipe.loader import BatchLoader, class_balanced_weights, class_weights, sequential_batches, weighted_batches

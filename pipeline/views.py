@@ -60,41 +60,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdpipe.view_plan import ViewAugment
+
 CLEAN = -1  # the view index of the clean, unaugmented clip
 
 _FIXED_WORDS = 4  # shift, gain, band-limit on/off, cutoff; then two words per time mask
-
-
-@dataclass(frozen=True)
-class ViewAugment:
-    """What a view may do to a clip; 0 (or p = 0) switches a part off.
-
-    Defaults follow CED and EfficientAT where they have a waveform-domain
-    equivalent: CED rolls by up to half the clip (torch_audiomentations' Shift,
-    min/max_shift ±0.5 as a fraction of the clip: ±5 s of a 10 s clip);
-    EfficientAT's fine-tuning recipes change gain by up to ±12 dB, its AudioSet
-    recipe not at all, so ±6 dB; CED and EfficientAT mask one span of up to
-    192 frames of 10 ms in time; CED masks up to 24 of 64 mel bands (0-8 kHz),
-    which at its widest removes everything above about 2.7 kHz, hence a
-    low-pass at 2-8 kHz on half the views.
-    """
-
-    shift_s: float = 5.0  # largest shift either way, seconds
-    roll: bool = True  # roll around the clip end (else zero-fill)
-    gain_db: float = 6.0  # gain drawn uniformly in [-gain_db, +gain_db] dB
-    time_masks: int = 1  # zeroed spans per view
-    time_mask_s: float = 1.92  # longest span, seconds
-    lowpass_p: float = 0.5  # share of views that are band-limited
-    lowpass_hz: tuple[float, float] = (2000.0, 8000.0)  # cutoff range, Hz
-
-    def __post_init__(self) -> None:
-        if min(self.shift_s, self.gain_db, self.time_masks, self.time_mask_s) < 0:
-            raise ValueError(f"augmentation amounts must be >= 0: {self}")
-        if not 0.0 <= self.lowpass_p <= 1.0:
-            raise ValueError(f"lowpass_p must be in [0, 1], got {self.lowpass_p}")
-        low, high = self.lowpass_hz
-        if not 0.0 < low <= high:
-            raise ValueError(f"lowpass_hz must be (low, high) with 0 < low <= high, got {self.lowpass_hz}")
 
 
 @dataclass(frozen=True, eq=False)

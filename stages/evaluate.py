@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe import bench, console, devices, evaluate, metrics, report, splits, stage_names, training
+from kdpipe import bench, console, devices, evaluate, metrics, report, splits, stage_names, students, training
 from kdpipe.config import Config
 from kdpipe.evaluate import Evaluation, ModelResult
 from kdpipe.extraction import Teacher, TeacherSpec
@@ -42,8 +42,9 @@ def teacher_results(ctx: StageContext, store: WaveformStore, rows: np.ndarray, t
             checkpoints = tuple(Path(path) for path in combined.attributes(teacher.label)["checkpoints"])
             if teacher.trainable:  # trained by train-teacher: its record of the kept epoch is beside it
                 result.kept = kept_teacher(checkpoints)
-            loaded = Teacher(TeacherSpec(teacher.label, teacher.arch, checkpoints, dict(teacher.options),
-                                         dict(teacher.frontend), config.extract.precision),
+            loaded = Teacher(TeacherSpec(name=teacher.label, arch=teacher.arch, checkpoints=checkpoints,
+                                         options=dict(teacher.options), frontend=dict(teacher.frontend),
+                                         precision=config.extract.precision),
                              store.sample_rate, device, config.evaluation.batch_size)
             result.footprint = evaluate.measure_footprint(loaded.model, loaded.logits, config.data.clip_seconds,
                                                           store.clip_samples, config.evaluation.batch_size, device)
@@ -69,7 +70,8 @@ def student_results(model_id: str, label: str, config: Config, folder: Path, sto
                     targets: np.ndarray, device: torch.device) -> list[ModelResult]:
     """Each kept student of a train-student output: run over the evaluation clips, its size and speed, its curves."""
     store = WaveformStore.open(store_path)
-    arch = config.student.arch + (f" w{config.student.width:g}" if config.student.arch == "mobilenetv3" else "")
+    arch, width = students.canonical_arch(config.student.arch, config.student.width)
+    arch += "" if width is None else f" w{width:g}"
     results = []
     reader = BatchLoader(store_path, num_workers=config.student.num_workers, pin_memory=device.type == "cuda")
     for representation, model in kept_students(folder, config.student, len(store.classes)).items():

@@ -3,14 +3,14 @@
 `extract/<name>` (one per teacher) — inputs: the waveform store, the teacher's
 checkpoint (a file, or its train-teacher output). Parameters: the teacher's
 entry (not its weight), `extract.dtype`, `extract.chunk_clips`,
-`extract.precision`, and with views `extract.views`, `view_seed`, `augment`.
-Output: `logits.zarr` (clean logits, and each view's, whole or top-k), resumed chunk
-by chunk after an interruption.
+`extract.precision`, and with views `extract.views`, `view_seed`, `augment` (one
+kdpipe.view_plan.ViewPlan). Output: `logits.zarr` (clean logits, and each view's, whole
+or top-k, with the view plan recorded), resumed chunk by chunk after an interruption.
 
 `extract-teachers` — inputs: every teacher's logits. Parameters: the ensemble
 weights and mode. Output: `teachers.zarr` with each teacher's arrays (hard links,
-no second copy) and the ensemble of the clean clips; a view's ensemble is computed
-when the student reads it. Changing weights recomputes only this cheap step and
+no second copy), their one view plan and the ensemble of the clean clips; a view's
+ensemble is computed when the student reads it. Changing weights recomputes only this cheap step and
 adding a teacher computes only that teacher.
 """
 
@@ -34,6 +34,7 @@ from kdpipe.metrics import tagging_metrics
 from kdpipe.models import create_model
 from kdpipe.stage import Stage, StageContext
 from kdpipe.teachers import checkpoint_paths, unseen_folds
+from kdpipe.view_plan import ViewPlan
 from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 
@@ -81,10 +82,10 @@ def run_teacher(teacher: TeacherConfig):
         store_path = ctx.upstream[stage_names.PREPARE] / STORE_FILE
         store = WaveformStore.open(store_path)
         checkpoints = checkpoint_paths(teacher, ctx.upstream)
+        plan = ViewPlan.from_config(settings)
         spec = TeacherSpec(name=teacher.label, arch=teacher.arch, checkpoints=checkpoints,
                            options=dict(teacher.options), frontend=dict(teacher.frontend),
-                           precision=settings.precision, compile=settings.compile, views=settings.views,
-                           view_seed=settings.view_seed, augment=settings.augment.settings(),
+                           precision=settings.precision, compile=settings.compile, views=plan,
                            unseen=unseen_folds(teacher, ctx.upstream))
         device = resolve_device(config.device)
         loaded = Teacher(spec, store.sample_rate, device, settings.batch_size)
@@ -94,7 +95,7 @@ def run_teacher(teacher: TeacherConfig):
         resume = path.exists() and integrity.ready_to_resume(path)
         logits = (TeacherLogits.open(path, mode="r+") if resume else TeacherLogits.create(
             path, store.n_clips, n_out, settings.chunk_clips, settings.dtype, {"teacher": teacher.label},
-            settings.views, settings.topk))
+            plan, settings.topk))
         todo = [chunk for chunk, done in enumerate(logits.done_chunks()) if not done]
         if len(todo) < logits.n_chunks:
             console.info(f"{teacher.label}: {logits.n_chunks - len(todo)} of {logits.n_chunks} chunks already done")
@@ -116,11 +117,11 @@ def run_teacher(teacher: TeacherConfig):
             "engine": settings.engine,
             "wall_seconds": round(seconds, 3),
             "clips_per_second": round(computed / seconds, 2) if seconds > 0 else None,
-            "views": settings.views, **metrics,
+            **metrics,
         }
         logits.group.attrs.update(attributes)
         mAP = f"{metrics['mAP']:.4f}" if metrics else "n/a"
-        views = f" x {1 + settings.views} (clean and {settings.views} views)" if settings.views else ""
+        views = f" x {1 + plan.count} (clean and {plan.count} views)" if plan.count else ""
         console.info(f"{teacher.label}: eval mAP {mAP}, {computed} clips{views} in {seconds:.1f} s")
         return attributes
 

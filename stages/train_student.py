@@ -67,7 +67,7 @@ def run_for(kd: bool):
         plan = training.epoch_plan(store, rows.train, student, seed, heard)
         fit_settings = training.FitSettings.from_config(student, config.evaluation.batch_size, seed)
         kept = training.fit(model, frontend, store_path, plan, rows, loss_fn, fit_settings, ctx.out_dir, device, ranks,
-                            targets if config.learns_from_views else None)
+                            targets if distill.learns_from_views(config) else None)
         if not ranks.is_main:
             return {}
         representation, weights = "mel", training.MODEL

@@ -11,7 +11,7 @@ import zarr
 
 from kdpipe import training
 from kdpipe.config import load_config
-from kdpipe.distill import Targets, ViewTargets, confident_classes
+from kdpipe.distill import Targets, ViewTargets, confident_classes, learns_from_views
 from kdpipe.errors import ConfigError
 from kdpipe.extraction import Teacher, TeacherSpec
 from kdpipe.frontends import int16_to_float
@@ -21,6 +21,7 @@ from kdpipe.runner import Pipeline
 from kdpipe.splits import training_splits
 from kdpipe.stages import build_stages
 from kdpipe.topk import ABSENT_LOGIT
+from kdpipe.view_plan import ViewAugment, ViewPlan
 from kdpipe.waveform_store import WaveformStore
 
 import helpers
@@ -57,11 +58,13 @@ def test_a_view_on_the_training_path_is_what_the_teachers_heard(run):
     store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
     combined = CombinedLogits.in_folder(pipeline.ensure("extract-teachers"))
     assert logits.n_views == combined.n_views == VIEWS
+    recipe = ViewPlan(count=VIEWS, seed=7, augment=ViewAugment())  # RUN's views, default augmentation
+    assert logits.view_plan == combined.view_plan == recipe  # recorded in both stores
     rows = np.array([2, 5, 11, 17])
     waves = torch.from_numpy(store.read(rows))
     config = pipeline.config
-    spec = TeacherSpec("passt_tiny", "passt_tiny", (config.teachers[1].checkpoint,), views=VIEWS, view_seed=7,
-                       augment=config.extract.augment.settings())
+    spec = TeacherSpec(name="passt_tiny", arch="passt_tiny", checkpoints=(config.teachers[1].checkpoint,),
+                       views=ViewPlan.from_config(config.extract))
     teacher = Teacher(spec, store.sample_rate, torch.device("cpu"), batch_size=5)
     heard = []
     forward = teacher._forward
@@ -128,10 +131,28 @@ def test_topk_views_are_stored_per_teacher_and_their_ensemble_is_bounded_by_the_
                                    rtol=1e-5)
 
 
+@pytest.mark.parametrize("other", [["extract.view_seed=8"], ["extract.augment.gain_db=3", "extract.augment.roll=false"],
+                                   ["extract.views=4"]])
+def test_a_store_made_by_one_view_recipe_is_refused_for_another(run, other):
+    """The student reads the recipe from the store it learns from; a config asking for another (a store passed by
+    path, or imported) is a config error naming both recipes and what differs, before any training."""
+    pipeline = pipeline_of(run)
+    combined = CombinedLogits.in_folder(pipeline.ensure("extract-teachers"))
+    store = WaveformStore.open(pipeline.ensure("prepare") / "waveforms.zarr")
+    config = load_config(None, [*run, *other])
+    with pytest.raises(ConfigError) as refused:
+        ViewTargets(combined, config, store.n_clips, store.sample_rate, store.clip_samples, torch.device("cpu"))
+    message = str(refused.value)
+    assert str(combined.view_plan) in message and str(ViewPlan.from_config(config.extract)) in message
+    differing = {"extract.view_seed=8": "seed: 7 vs 8", "extract.augment.gain_db=3": "augment.gain_db: 6.0 vs 3.0",
+                 "extract.augment.roll=false": "augment.roll: True vs False", "extract.views=4": "count: 3 vs 4"}
+    assert all(differing[setting] in message for setting in other)
+
+
 def test_a_kd_student_learns_from_views_and_the_keys_follow_the_view_settings(run):
     pipeline = pipeline_of(run)
     out = pipeline.ensure("train-student")
-    assert pipeline.config.learns_from_views
+    assert learns_from_views(pipeline.config)
     assert sum(1 for _ in (out / "metrics.jsonl").open()) == 4
     clean = pipeline_of(run, "student.kd.views=false")
     assert clean.key("extract-teachers") == pipeline.key("extract-teachers")

@@ -1,7 +1,11 @@
 """Stage keys cover the code a stage runs: derived from its imports, checked against the runtime import graph."""
 
+import importlib
 import inspect
+import pkgutil
 from types import ModuleType
+
+import pytest
 
 from kdpipe.config import load_config
 from kdpipe.fingerprint import NOT_RESULTS, code_closure, source_hash
@@ -61,20 +65,74 @@ def test_editing_an_imported_module_changes_the_key(monkeypatch):
     assert source_hash(student.code) != before
 
 
-def test_how_a_training_section_becomes_fit_settings_is_in_the_trained_stages_keys(monkeypatch):
-    """The mapping of a config section onto what `fit` runs is code (training.FitSettings.from_config), not schema:
-    an edit to its body moves the key of every trained stage (issue 23; config.py is not hashed)."""
-    import kdpipe.training as training
+# Functions that turn settings into behaviour, each with an edit to its body, and the stages whose keys must move.
+SHAPING_EDITS = {
+    "kdpipe.training": ("epochs=settings.epochs,", "epochs=settings.epochs + 0,", ("train-student", "train-teacher")),
+    "kdpipe.distill": ("return config.student.kd.enabled and resolved_kd_views(config)",
+                       "return bool(config.student.kd.enabled) and resolved_kd_views(config)", ("train-student",)),
+    "kdpipe.students": ('return "mobilenetv3", NAME_TO_WIDTH[arch]', 'return "mobilenetv3", 1.0 * NAME_TO_WIDTH[arch]',
+                        ("train-student",)),
+    "kdpipe.view_plan": ("return cls(extract.views, extract.view_seed,", "return cls(extract.views + 0, extract.view_seed,",
+                         ("train-student", "extract/")),
+}
 
-    config = load_config(None, ["teachers.0.arch=mn_tiny"], check_files=False)
-    trained = [stage for stage in build_stages(config) if stage.name.startswith(("train-student", "train-teacher"))]
-    assert len(trained) == 2 and all(training in code_closure(stage.code) for stage in trained)
-    before = [source_hash(stage.code) for stage in trained]
+
+@pytest.mark.parametrize("module_name", sorted(SHAPING_EDITS))
+def test_editing_a_function_that_shapes_training_moves_the_trained_stages_keys(tmp_path, monkeypatch, module_name):
+    """How settings become behaviour is code in the module that uses it (training.FitSettings.from_config,
+    distill.learns_from_views, students.canonical_arch, ViewPlan.from_config), never schema: an edit to its
+    body moves the keys of the stages that run it, and only theirs (config.py is not hashed; issue 23)."""
+    module = importlib.import_module(module_name)
+    old, new, moved = SHAPING_EDITS[module_name]
+    before = keys(tmp_path, "extract.views=2")
     real = inspect.getsource
-    edited = real(training).replace("epochs=settings.epochs,", "epochs=settings.epochs + 0,")
-    assert edited != real(training)
-    monkeypatch.setattr(inspect, "getsource", lambda obj: edited if obj is training else real(obj))
-    assert all(source_hash(stage.code) != key for stage, key in zip(trained, before))
+    assert real(module).count(old) == 1
+    edited = real(module).replace(old, new)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: edited if obj is module else real(obj))
+    after = keys(tmp_path, "extract.views=2")
+    changed = {name for name in before if after[name] != before[name]}
+    assert all(any(name.startswith(prefix) for name in changed) for prefix in moved), changed
+    assert "prepare" not in changed
+
+
+def test_editing_a_description_in_the_schema_moves_no_key(tmp_path, monkeypatch):
+    """The schema's words are not code that shapes results: rewording a keyed field's description (extract.dtype)
+    rebuilds nothing."""
+    import kdpipe.config as config_module
+
+    before = keys(tmp_path)
+    real = inspect.getsource
+    edited = real(config_module).replace('description="stored logits"', 'description="the dtype of stored logits"')
+    assert edited != real(config_module)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: edited if obj is config_module else real(obj))
+    assert keys(tmp_path) == before
+
+
+def test_no_module_imports_itself_through_others():
+    """The installed package has no import circle: every kdpipe module (library, CLI and stages), every import
+    statement (at the top, in functions and for type checking alike) followed; a circle found is printed."""
+    import kdpipe
+    import kdpipe.stages
+    from kdpipe.fingerprint import kdpipe_imports
+
+    names = sorted({name for package in (kdpipe, kdpipe.stages)  # stages/ installs as kdpipe.stages, apart
+                    for _, name, _ in pkgutil.walk_packages(package.__path__, package.__name__ + ".")}
+                   - {"kdpipe.__main__"})  # the entry point: importing it runs the CLI, and nothing imports it
+    assert {"kdpipe.stages.train_student", "kdpipe.cli.common", "kdpipe.models.windowing"} <= set(names)
+    graph = {name: kdpipe_imports(importlib.import_module(name)) - {name} for name in names}
+    finished: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in finished:
+            return
+        for imported in sorted(graph.get(name, ())):
+            visit(imported, path + [name])
+        finished.add(name)
+
+    for name in names:
+        visit(name, [])
 
 
 def test_unkeyed_fields_never_reach_a_key(tmp_path):
@@ -103,9 +161,6 @@ def test_the_baseline_is_one_build_for_every_kd_setting(tmp_path):
 
 def test_the_library_is_one_layer_under_the_stages():
     """No library module imports kdpipe.stages (the CLI aside), and no stage module imports another stage."""
-    import importlib
-    import pkgutil
-
     import kdpipe
     import kdpipe.stages
     from kdpipe.fingerprint import kdpipe_imports

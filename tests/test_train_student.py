@@ -20,7 +20,7 @@ from kdpipe import training
 from kdpipe.cli import app
 from kdpipe.collaborative import StudentGroup, collaborative_loss, mutual_term
 from kdpipe.distributed import shard
-from kdpipe.stage import Ranks
+from kdpipe.distributed import Ranks
 from kdpipe.frontends import build_frontend
 from kdpipe.config import load_config
 from kdpipe.models import create_model, load_checkpoint

@@ -13,8 +13,8 @@ import typer
 from kdpipe import console, torch_stack
 from kdpipe.config import Config, load_config
 from kdpipe.errors import KdpipeError, environment_error
+from kdpipe.distributed import SINGLE, Ranks
 from kdpipe.runner import Pipeline
-from kdpipe.stage import SINGLE, Ranks
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,6 +91,34 @@ def make_pipeline(config: Config, ranks: Ranks = SINGLE) -> Pipeline:
     pipeline = Pipeline(build_stages(config), config, ranks)
     pipeline.cache.check_writable()
     return pipeline
+
+
+def coverage_notes(config: Config) -> list[str]:
+    """For `kdpipe status` and `config show`: each model of the run whose input is shorter than a clip.
+
+    Sizing a frontend needs torchaudio; where it cannot load, there are no notes (the commands
+    that compute features say why), so these two commands keep answering.
+    """
+    import torch
+
+    from kdpipe.models import create_model
+    from kdpipe.models.windowing import coverage
+
+    entries = [(f"teacher {t.label}", t.arch, dict(t.options), dict(t.frontend)) for t in config.teachers if t.arch]
+    entries.append(("student", config.student.arch, dict(config.student.options), {}))
+    notes = []
+    for label, arch, options, frontend in entries:
+        with torch.device("meta"):
+            model = create_model(arch, **options)
+        try:
+            note = coverage(model, {**model.frontend_config, **frontend}, config.data.clip_seconds)
+        except (ImportError, OSError, RuntimeError) as exc:
+            if torch_stack.broken_member(exc) is None:
+                raise
+            return []
+        if note:
+            notes.append(f"{label}: {note}")
+    return notes
 
 
 def human_bytes(size: float) -> str:

@@ -9,7 +9,8 @@ from rich.table import Table
 
 from kdpipe import config as config_module
 from kdpipe import console
-from kdpipe.cli.common import ConfigOption, SetOption, app, config_app, make_pipeline, resolve_config, user_errors
+from kdpipe.cli.common import (ConfigOption, SetOption, app, config_app, coverage_notes, make_pipeline, resolve_config,
+                               user_errors)
 
 
 @app.command("models")
@@ -40,8 +41,6 @@ def config_show(
     stage: Annotated[str | None, typer.Option(help="Only the keys this stage depends on.")] = None,
 ) -> None:
     """Print the resolved config (defaults < file < --set) as YAML."""
-    from kdpipe.models.windowing import coverage_notes
-
     resolved = resolve_config(config, set_, check_files=False)
     plain = config_module.to_plain(resolved)
     if stage is not None:

@@ -85,7 +85,7 @@ def train_student(
     no_wait: NoWaitOption = False,
 ) -> None:
     """Stage two: train a student against the stored teacher targets (reuses cached teacher logits)."""
-    from kdpipe import distributed
+    from kdpipe import distributed, runner
 
     if gpus > 1 and not distributed.under_torchrun():
         raise typer.Exit(distributed.launch(gpus, without_option(sys.argv[1:], "--gpus")))
@@ -98,8 +98,8 @@ def train_student(
         return
     ranks = distributed.init(resolved.device)
     try:
-        out = distributed.ensure_on_every_rank(_student_pipeline(make_pipeline(resolved, ranks), name), name,
-                                               ranks, force=force)
+        out = runner.ensure_on_every_rank(_student_pipeline(make_pipeline(resolved, ranks), name), name, ranks,
+                                          force=force)
     finally:
         distributed.shutdown()
     if out is not None:

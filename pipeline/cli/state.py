@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from kdpipe import console, stage_names
-from kdpipe.cli.common import ConfigOption, SetOption, app, cache_app, human_bytes, make_pipeline, resolve_config, \
-    user_errors
+from kdpipe.cli.common import (ConfigOption, SetOption, app, cache_app, coverage_notes, human_bytes, make_pipeline,
+                               resolve_config, user_errors)
 from kdpipe.verify import Verdict
 
 
@@ -51,8 +51,6 @@ def status(config: ConfigOption = None, set_: SetOption = None,
                                                  "(as `kdpipe verify`) before reporting.")] = False) -> None:
     """One row per stage: fresh, stale (and what changed) or missing; then how clips reach each model."""
     from kdpipe.manifests import load_clips
-    from kdpipe.models.windowing import coverage_notes
-
     pipeline = make_pipeline(resolve_config(config, set_))
     if pipeline.config.data.sources and pipeline.status(stage_names.PREPARE).state != "fresh":
         # a malformed manifest is found here, not hours into prepare; a fresh prepare has read it (2 M rows: 70 s)

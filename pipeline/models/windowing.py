@@ -12,13 +12,10 @@ scored on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from kdpipe.config import Config
 
 
 def window_starts(frames: int, window: int, hop: int | None = None, pad: bool = True) -> list[int]:
@@ -83,31 +80,3 @@ def coverage(model: nn.Module, frontend_config: dict[str, Any], clip_seconds: fl
     return (f"input {max_frames} frames ({window_seconds:.2f} s) is shorter than a {clip_seconds:g} s clip "
             f"({frames} frames): {count} windows, hop {max_frames // 4} frames, mean of their logits "
             f"(longer input: options.input_tdim / frontend.target_frames, or a checkpoint trained on longer clips)")
-
-
-
-
-def coverage_notes(config: Config) -> list[str]:
-    """For `kdpipe status` and `config show`: each model of the run whose input is shorter than a clip.
-
-    Sizing a frontend needs torchaudio; where it cannot load, there are no notes (the commands
-    that compute features say why), so these two commands keep answering.
-    """
-    from kdpipe import torch_stack
-    from kdpipe.models import create_model
-
-    entries = [(f"teacher {t.label}", t.arch, dict(t.options), dict(t.frontend)) for t in config.teachers if t.arch]
-    entries.append(("student", config.student.arch, dict(config.student.options), {}))
-    notes = []
-    for label, arch, options, frontend in entries:
-        with torch.device("meta"):
-            model = create_model(arch, **options)
-        try:
-            note = coverage(model, {**model.frontend_config, **frontend}, config.data.clip_seconds)
-        except (ImportError, OSError, RuntimeError) as exc:
-            if torch_stack.broken_member(exc) is None:
-                raise
-            return []
-        if note:
-            notes.append(f"{label}: {note}")
-    return notes
