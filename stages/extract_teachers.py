@@ -101,11 +101,11 @@ def run_teacher(teacher: TeacherConfig):
             console.info(f"{teacher.label}: {logits.n_chunks - len(todo)} of {logits.n_chunks} chunks already done")
         if settings.engine == "dask":
             del loaded  # the workers load their own copies
-            seconds, ran = dask_engine.extract_dask(spec, store_path, path, todo, settings.batch_size,
-                                                    settings.scheduler, settings.dask_workers)
+            seconds, ran, writers = dask_engine.extract_dask(spec, store_path, path, todo, settings.batch_size,
+                                                             settings.scheduler, settings.dask_workers)
         else:
-            seconds, ran = extraction.extract_local(loaded, store_path, logits, todo, settings.batch_size,
-                                                    settings.num_workers), {probe}
+            seconds, ran, writers = extraction.extract_local(loaded, store_path, logits, todo, settings.batch_size,
+                                                             settings.num_workers), {probe}, {}
         ran = ran or {probe}  # nothing was left to compute
         computed = extraction.valid_clips(logits, todo, store.column("status") == "ok")
         metrics = eval_metrics(logits.read_at, store, config.evaluation.split)
@@ -115,6 +115,8 @@ def run_teacher(teacher: TeacherConfig):
             "cross_fitted": spec.unseen is not None,
             "device": ", ".join(sorted({d for d, _ in ran})), "precision": ", ".join(sorted({p for _, p in ran})),
             "engine": settings.engine,
+            # dask: the worker that wrote each chunk this run (one per chunk, a retried block where it finished)
+            "chunk_writers": {str(chunk): worker for chunk, worker in sorted(writers.items())},
             "wall_seconds": round(seconds, 3),
             "clips_per_second": round(computed / seconds, 2) if seconds > 0 else None,
             **metrics,

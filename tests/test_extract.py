@@ -14,14 +14,12 @@ import zarr
 from typer.testing import CliRunner
 
 from kdpipe.cli import app
-from kdpipe.config import load_config
 from kdpipe.errors import KdpipeError
 from kdpipe.frontends import build_frontend
 from kdpipe.interop import read_index
 from kdpipe.models import create_model, load_checkpoint
 from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import WaveformStore
-from kdpipe.stages import build_stages
 
 import helpers
 
@@ -91,37 +89,6 @@ def test_dask_engine_equals_local_engine(built, small_demo, tmp_path):
     out = distributed.ensure("extract/passt_tiny", force=True)
     np.testing.assert_array_equal(zarr.open_group(out / "logits.zarr", mode="r")["logits"][:],
                                   store["teachers/passt_tiny/logits"][:])
-
-
-@pytest.fixture(scope="module")
-def scheduler():
-    """A running dask cluster reached by address (`extract.scheduler`), as a cluster kdpipe did not start is:
-    its two single-threaded worker processes pay for importing torch once, whatever runs on them."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
-
-
-def test_dask_engine_runs_and_records_the_configured_precision(built, small_demo, scheduler, tmp_path):
-    """fp32 and bf16 one after the other on one external cluster: the dask workers' logits equal the local
-    engine's, and the stored `precision` attribute is what ran (the two precisions give different logits)."""
-    for stage in ("prepare", "train-teacher"):  # reuse the upstream stages `built` trained
-        shutil.copytree(built[0].config.cache_dir / stage, tmp_path / stage)
-    one_teacher = [item for item in settings(small_demo, tmp_path) if not item.startswith("teachers.1")]
-    results = {}
-    for precision in ("fp32", "bf16"):
-        items = [*one_teacher, f"extract.precision={precision}"]
-        local = Pipeline(build_stages(config := load_config(None, items)), config)
-        group = zarr.open_group(local.ensure("extract/passt_tiny") / "logits.zarr", mode="r")
-        expected, recorded = group["logits"][:], group.attrs["precision"]
-        items += ["extract.engine=dask", f"extract.scheduler={scheduler}"]
-        dask = Pipeline(build_stages(config := load_config(None, items)), config)
-        group = zarr.open_group(dask.ensure("extract/passt_tiny", force=True) / "logits.zarr", mode="r")
-        np.testing.assert_array_equal(group["logits"][:], expected)
-        assert recorded == group.attrs["precision"] == precision and group.attrs["device"] == "cpu"
-        results[precision] = expected
-    assert not np.array_equal(results["fp32"], results["bf16"])
 
 
 def test_kill_9_then_resume_is_bit_identical(built, small_demo, tmp_path):
