@@ -275,8 +275,6 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
     # NHWC: the depthwise and 1x1 convolutions of CNNs run faster in it (mn10 training 1.3x on a CPU).
     model.to(device, memory_format=torch.channels_last)
     frontend.to(device)
-    trained = distributed.wrap(model, ranks, device)
-    stepped = torch.compile(trained) if settings.compile else trained
     bf16 = settings.bf16(device)
     loader = BatchLoader(store_path, num_workers=settings.num_workers, pin_memory=device.type == "cuda")
     optimizer_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
@@ -296,6 +294,12 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
         if start:
             console.info(f"resuming after epoch {start} of {settings.epochs}")
     for epoch in range(start, settings.epochs):
+        if epoch == start or ranks.distributed:
+            # Under DDP a fresh wrapper each epoch: DDP regroups its gradient buckets after its first step, and
+            # where a gradient sits in a bucket sets the order the ranks' values are summed in, so without this a
+            # resumed run would drift from an uninterrupted one in the last bits.
+            trained = distributed.wrap(model, ranks, device)
+            stepped = torch.compile(trained) if settings.compile else trained
         started = time.time()
         trained.train()
         frontend.train()

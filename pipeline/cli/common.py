@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from kdpipe import console, torch_stack
 from kdpipe.config import Config, load_config
@@ -71,7 +72,7 @@ def user_errors(function: F) -> F:
                     raise
                 raise converted from None
         except KdpipeError as exc:
-            console.err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+            console.err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

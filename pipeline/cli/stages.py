@@ -80,15 +80,28 @@ def train_student(
                                            "(stage train-student/no-kd), the baseline KD is measured "
                                            "against.")] = False,
     gpus: Annotated[int, typer.Option(min=1, help="Train data-parallel on this many GPUs (processes on a CPU) "
-                                      "with DDP; launches torchrun.")] = 1,
+                                      "per node with DDP; launches torchrun.")] = 1,
+    nnodes: Annotated[int, typer.Option(min=1, help="Machines training together; start the same command on "
+                                        "each, with its --node-rank.")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="This machine's rank, 0 .. nnodes - 1; node 0 hosts the "
+                                           "rendezvous and writes the cache.")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(metavar="HOST:PORT", help="Where node 0 hosts the "
+                                                      "rendezvous (a free port on node 0).")] = None,
+    join_timeout: Annotated[float, typer.Option(min=1, help="Seconds a node waits for the others to "
+                                                "start.")] = 600,
     force: ForceOption = False,
     no_wait: NoWaitOption = False,
 ) -> None:
     """Stage two: train a student against the stored teacher targets (reuses cached teacher logits)."""
     from kdpipe import distributed, runner
 
-    if gpus > 1 and not distributed.under_torchrun():
-        raise typer.Exit(distributed.launch(gpus, without_option(sys.argv[1:], "--gpus")))
+    if nnodes > 1 and (rdzv_endpoint is None or ":" not in rdzv_endpoint or node_rank >= nnodes):
+        raise typer.BadParameter(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address and a free "
+                                 f"port) and a --node-rank below {nnodes}")
+    if (gpus > 1 or nnodes > 1) and not distributed.under_torchrun():
+        nodes = distributed.Nodes(nnodes, node_rank, rdzv_endpoint or "", join_timeout)
+        distributed.launch(gpus, without_option(sys.argv[1:], "--gpus"), nodes)
+        return
     flags = {"student.width": width, "student.arch": arch, "evaluation.baseline": True if baseline else None}
     resolved = resolve_config(config, set_, flags)
     name = stage_names.student(resolved.student.kd.enabled and not baseline)
@@ -100,6 +113,10 @@ def train_student(
     try:
         out = runner.ensure_on_every_rank(_student_pipeline(make_pipeline(resolved, ranks), name), name, ranks,
                                           force=force)
+    except RuntimeError as exc:
+        if (lost := distributed.lost_contact(exc, ranks)) is None:
+            raise
+        raise KdpipeError(lost) from None
     finally:
         distributed.shutdown()
     if out is not None:
