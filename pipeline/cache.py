@@ -25,6 +25,7 @@ from typing import Any
 
 from kdpipe import atomic, console
 from kdpipe.errors import ConfigError, LockBusy
+from kdpipe.filesystems import check_cache_filesystem
 
 RECORD = "record.json"
 RECORD_FIELDS = ("stage", "key", "components", "finished", "outputs")
@@ -36,7 +37,8 @@ class StageCache:
         self.root = root
 
     def check_writable(self) -> None:
-        """Create the cache folder and write a probe in it: an unusable `cache_dir` fails here, naming the key."""
+        """Create the cache folder and write a probe in it, and check its locks and renames hold (kdpipe.filesystems):
+        an unusable `cache_dir` fails here, naming the key."""
         probe = self.root / f".probe.{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -45,6 +47,7 @@ class StageCache:
         except OSError as exc:
             raise ConfigError(f"cache_dir: {self.root} cannot be used ({exc.strerror or exc}); "
                               "choose a folder kdpipe can create and write, e.g. --set cache_dir=PATH") from None
+        check_cache_filesystem(self.root)
 
     def entry_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
