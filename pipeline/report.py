@@ -11,13 +11,14 @@ canvas (no display, no pyplot state).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from kdpipe.evaluate import EFFICIENTAT_SECONDS, Evaluation, ModelResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # EfficientAT's published AudioSet models (github.com/fschmid56/EfficientAT README at a425fdc, table of
 # pre-trained models): name, parameters (M),
@@ -99,6 +100,10 @@ def _table(evaluation: Evaluation) -> str:
 
 
 def _new_figure(columns: int) -> Figure:
+    # matplotlib is imported when a report is drawn, not when the stages are built (0.5 s at every kdpipe start)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(5.5 * columns, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
@@ -138,6 +143,8 @@ def _plot_complexity(path: Path, students: list[ModelResult]) -> None:
 
 
 def _plot_curves(path: Path, students: list[ModelResult]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     figure = _new_figure(2)
     map_axes, loss_axes = figure.subplots(1, 2)
     for student in students:

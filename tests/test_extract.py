@@ -84,7 +84,8 @@ def test_adding_a_teacher_computes_only_that_teacher(built, small_demo):
 
 def test_dask_engine_equals_local_engine(built, small_demo, tmp_path):
     pipeline, store = built
-    distributed = make(small_demo, pipeline.config.cache_dir, "extract.engine=dask", "extract.dask_workers=2")
+    # the cluster kdpipe starts itself (one worker is enough: tests/test_dask_cluster.py runs several)
+    distributed = make(small_demo, pipeline.config.cache_dir, "extract.engine=dask", "extract.dask_workers=1")
     assert distributed.key("extract/passt_tiny") == pipeline.key("extract/passt_tiny")  # engine is not a parameter
     out = distributed.ensure("extract/passt_tiny", force=True)
     np.testing.assert_array_equal(zarr.open_group(out / "logits.zarr", mode="r")["logits"][:],
