@@ -30,6 +30,7 @@ from kdpipe.filesystems import check_cache_filesystem
 RECORD = "record.json"
 RECORD_FIELDS = ("stage", "key", "components", "finished", "outputs")
 LATEST = "latest"
+REBUILD, PREVIOUS = ".rebuild", ".previous"  # beside a committed entry while a forced rebuild replaces it
 
 
 class StageCache:
@@ -96,6 +97,38 @@ class StageCache:
         """Drop the record first, so a rebuild killed half-way is never taken as done."""
         (self.entry_dir(stage, key) / RECORD).unlink(missing_ok=True)
 
+    def rebuild_dir(self, stage: str, key: str) -> Path:
+        """Where a forced rebuild of a committed entry is built, beside it, until `replace` swaps them."""
+        return self.root / stage / f"{key}{REBUILD}"
+
+    def replace(self, stage: str, key: str, built: Path, record: dict[str, Any]) -> None:
+        """Commit a forced rebuild in place of the committed entry. The old output stays committed until the
+        new one is complete: the record is written in `built`, the folders swap by two renames, and the old
+        one is removed last. A crash at any point leaves one committed entry (`recover`)."""
+        atomic.write_text(built / RECORD, json.dumps(record, indent=2, sort_keys=True))
+        entry = self.entry_dir(stage, key)
+        previous = entry.with_name(f"{key}{PREVIOUS}")
+        os.rename(entry, previous)
+        os.rename(built, entry)
+        atomic.write_text(self.root / stage / LATEST, key + "\n")
+        shutil.rmtree(previous)
+
+    def recover(self, stage: str, key: str) -> None:
+        """Under the entry's lock: finish or undo a forced rebuild that was interrupted. Killed between the two
+        renames, the old output goes back in place; killed after them, the old one is removed; a rebuild that
+        never finished is removed (the committed entry was never touched)."""
+        entry = self.entry_dir(stage, key)
+        previous, rebuild = entry.with_name(f"{key}{PREVIOUS}"), self.rebuild_dir(stage, key)
+        if previous.is_dir():
+            if entry.is_dir():
+                shutil.rmtree(previous)
+            else:
+                os.rename(previous, entry)
+                console.warn(f"{stage} ({key}): a forced rebuild was interrupted; the previous output is back")
+        if rebuild.is_dir():
+            console.info(f"{stage} ({key}): removing an unfinished forced rebuild")
+            shutil.rmtree(rebuild)
+
     @contextlib.contextmanager
     def lock(self, stage: str, key: str, wait: bool = True) -> Iterator[None]:
         """Exclusive per-entry lock (flock): a second builder waits, or fails naming the holder."""
@@ -114,6 +147,7 @@ class StageCache:
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
             handle.flush()
+            self.recover(stage, key)
             try:
                 yield
             finally:
@@ -177,6 +211,8 @@ class StageCache:
 
     def remove(self, entry: CacheEntry) -> None:
         shutil.rmtree(entry.path)
+        for leftover in (entry.path.with_name(entry.key + PREVIOUS), self.rebuild_dir(entry.stage, entry.key)):
+            shutil.rmtree(leftover, ignore_errors=True)
         self.lock_path(entry.stage, entry.key).unlink(missing_ok=True)
         latest = entry.path.parent / LATEST
         if latest.is_file() and latest.read_text().strip() == entry.key:

@@ -109,16 +109,21 @@ class Pipeline:
             if not force and self.cache.record(name, key) is not None:  # built while we waited
                 console.info(f"[green]{name}[/green]: cached ({key}), built by another process")
                 return out_dir
-            self._prepare_folder(stage, out_dir, force)
+            build_dir = self.build_dir(name, key, force)
+            if build_dir == out_dir:
+                self._prepare_folder(stage, out_dir, force)
+            else:
+                console.info(f"{name}: rebuilding beside the committed output, which stays until this one is done")
+                build_dir.mkdir(parents=True)
             started = time.time()
-            summary = stage.run(StageContext(self.config, out_dir, upstream, key, self.components(name).inputs,
+            summary = stage.run(StageContext(self.config, build_dir, upstream, key, self.components(name).inputs,
                                              self.ranks))
-            atomic.remove_leftovers(out_dir)
-            missing = [path for path in stage.outputs if not (out_dir / path).exists()]
+            atomic.remove_leftovers(build_dir)
+            missing = [path for path in stage.outputs if not (build_dir / path).exists()]
             if missing:
                 raise KdpipeError(f"{name} finished without producing {', '.join(missing)}")
             finished = time.time()
-            self.cache.commit(name, key, {
+            record = {
                 "stage": name,
                 "key": key,
                 "components": self.components(name).as_json(),
@@ -127,11 +132,22 @@ class Pipeline:
                 "seconds": round(finished - started, 3),
                 "versions": environment_versions(),
                 "outputs": list(stage.outputs),
-                "digests": output_digests(out_dir, stage.outputs),
+                "digests": output_digests(build_dir, stage.outputs),
                 "summary": summary,
-            })
+            }
+            if build_dir == out_dir:
+                self.cache.commit(name, key, record)
+            else:
+                self.cache.replace(name, key, build_dir, record)
         console.info(f"[green]{name}[/green]: done in {finished - started:.1f} s ({key})")
         return out_dir
+
+    def build_dir(self, name: str, key: str, force: bool) -> Path:
+        """Where `name` is built: its entry folder, or beside it when a forced rebuild replaces a committed
+        output (which stays committed and usable until the new one is: StageCache.replace)."""
+        if force and self.cache.record(name, key) is not None:
+            return self.cache.rebuild_dir(name, key)
+        return self.cache.entry_dir(name, key)
 
     def _prepare_folder(self, stage: Stage, out_dir: Path, force: bool) -> None:
         self.cache.uncommit(stage.name, out_dir.name)
@@ -171,12 +187,11 @@ def ensure_on_every_rank(pipeline: Pipeline, name: str, ranks: Ranks, force: boo
         upstream = {up: pipeline.ensure(up) for up in pipeline.stage(name).upstream}
         key = pipeline.key(name)
         if force or pipeline.cache.record(name, key) is None:
-            plan = (upstream, key, pipeline.components(name).inputs)
+            plan = (upstream, key, pipeline.components(name).inputs, pipeline.build_dir(name, key, force))
     plan = distributed.broadcast(plan, ranks)
     if ranks.is_main:
         return pipeline.ensure(name, force=force)
     if plan is not None:
-        upstream, key, inputs = plan
-        out_dir = pipeline.cache.entry_dir(name, key)
-        pipeline.stage(name).run(StageContext(pipeline.config, out_dir, upstream, key, inputs, ranks))
+        upstream, key, inputs, build_dir = plan
+        pipeline.stage(name).run(StageContext(pipeline.config, build_dir, upstream, key, inputs, ranks))
     return None

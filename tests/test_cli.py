@@ -92,7 +92,7 @@ def test_status_explains_a_change_and_prepare_rebuilds(demo):
 
 def test_force_rebuilds_a_fresh_stage(demo):
     output = invoke("prepare", "--config", str(demo), "--force")
-    assert "discarding previous build" in output and "done in" in output
+    assert "rebuilding beside the committed output" in output and "done in" in output
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path):

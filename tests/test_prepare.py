@@ -237,3 +237,45 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     b = zarr.open_group(next(clean_cache.glob("prepare/*/waveforms.zarr")), mode="r")
     for name in ("waveform", "labels", "clip_id", "split", "status", "done"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_forced_rebuild_killed_mid_way_leaves_the_previous_output_committed_and_intact(tmp_path):
+    """`kdpipe run --force prepare` builds beside the committed store and swaps only once done: killed with
+    kill -9 half-way, the old store is still committed, verifies, and is bit-identical to before; the rerun
+    rebuilds and commits in its place. `run --force` alone names the stages instead of forcing them all."""
+    dataset = write_demo_dataset(tmp_path / "data", n_train=88, n_eval=8, clip_seconds=1.0)  # 48 shards
+    common = [f"--set=data.sources.0.path={dataset.manifest}", f"--set=data.class_list={dataset.class_list}",
+              "--set=data.clip_seconds=1.0", "--set=prepare.shard_clips=2", "--set=prepare.workers=1",
+              "--set=prepare.min_seconds=0.5", f"--set=cache_dir={tmp_path / 'cache'}"]
+    assert CliRunner().invoke(app, ["prepare", *common]).exit_code == 0
+    entry = next((tmp_path / "cache").glob("prepare/*/record.json")).parent
+    before = _files(entry)
+    bare = subprocess.run([sys.executable, "-m", "kdpipe", "run", *common, "--force"], capture_output=True,
+                          text=True)
+    assert bare.returncode == 2 and "needs a stage; name one or more of: prepare" in bare.stderr, bare.stderr
+    process = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", "--force", "prepare", *common],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rebuild, written, deadline = entry.with_name(entry.name + ".rebuild"), 0, time.monotonic() + 120
+    while written < 2 and process.poll() is None and time.monotonic() < deadline:
+        try:
+            written = int(zarr.open_group(rebuild / "waveforms.zarr", mode="r")["done"][:].sum())
+        except Exception:  # not created yet
+            pass
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 2 <= written < 48, f"kill landed after {written} of 48 shards"
+    assert _files(entry) == before  # record.json included: still committed, untouched
+    verified = CliRunner().invoke(app, ["verify", *common])
+    assert verified.exit_code == 0 and "damaged" not in verified.output, verified.output
+    assert not rebuild.exists()  # verify holds the entry's lock: the unfinished rebuild is cleared
+    rerun = CliRunner().invoke(app, ["run", "--force", "prepare", *common])
+    assert rerun.exit_code == 0 and "rebuilding beside the committed output" in rerun.output, rerun.output
+    after = _files(entry)
+    assert after.keys() == before.keys() and all(after[name] == before[name] for name in before
+                                                 if name != "record.json")
+    assert not rebuild.exists() and not entry.with_name(entry.name + ".previous").exists()

@@ -12,6 +12,7 @@ print one message a user can act on, never a traceback.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Annotated
 
 import typer
@@ -41,7 +42,18 @@ def main_options(
 
 
 def main() -> None:
-    app()
+    app(args=with_force_values(sys.argv[1:]))
+
+
+def with_force_values(argv: list[str]) -> list[str]:
+    """`run` and `demo` take `--force STAGE`; a bare `--force` there becomes `--force=`, so the command says
+    which stages there are (exit 2) instead of click's "requires an argument", or taking the next option as
+    the stage."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command not in ("run", "demo"):
+        return argv
+    return [("--force=" if arg == "--force" and (i + 1 == len(argv) or argv[i + 1].startswith("-")) else arg)
+            for i, arg in enumerate(argv)]
 
 
 __all__ = ["app", "main"]

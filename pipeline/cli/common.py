@@ -49,6 +49,20 @@ SetOption = Annotated[
                  "(repeatable).", rich_help_panel="Config"),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Recompute the named stage even when it is cached.")]
+ForceStagesOption = Annotated[
+    list[str] | None,
+    typer.Option("--force", metavar="STAGE", help="Recompute this stage even when it is cached (repeatable); its "
+                 "committed output stays until the new one is committed."),
+]
+
+
+def forced_stages(pipeline: Pipeline, names: list[str] | None) -> set[str]:
+    """The stages `--force STAGE` names, each one of the pipeline's (a usage error listing them otherwise)."""
+    unknown = [name for name in names or [] if name not in pipeline.stages]
+    if unknown:
+        what = "needs a stage" if unknown == [""] else f"{', '.join(map(repr, unknown))} is not a stage of this config"
+        raise typer.BadParameter(f"{what}; name one or more of: {', '.join(pipeline.stages)}", param_hint="--force")
+    return set(names or [])
 NoWaitOption = Annotated[
     bool, typer.Option("--no-wait", help="If another process is building the same output, exit instead of waiting.")
 ]

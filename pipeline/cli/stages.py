@@ -13,8 +13,8 @@ from rich.table import Table
 
 from kdpipe import config as config_module
 from kdpipe import console, stage_names, training
-from kdpipe.cli.common import (ConfigOption, ForceOption, NoWaitOption, SetOption, app, make_pipeline, resolve_config,
-                               user_errors)
+from kdpipe.cli.common import (ConfigOption, ForceOption, ForceStagesOption, NoWaitOption, SetOption, app,
+                               forced_stages, make_pipeline, resolve_config, user_errors)
 from kdpipe.errors import KdpipeError
 from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import STORE_FILE
@@ -176,12 +176,13 @@ def evaluation_table(metrics_json: Path, metrics: tuple[str, ...]) -> Table:
 
 @app.command()
 @user_errors
-def run(config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+def run(config: ConfigOption = None, set_: SetOption = None, force: ForceStagesOption = None,
         no_wait: NoWaitOption = False) -> None:
     """Bring every stage up to date, in order; cached stages cost nothing."""
     pipeline = make_pipeline(resolve_config(config, set_))
+    forced = forced_stages(pipeline, force)
     for name in pipeline.stages:
-        pipeline.ensure(name, force=force, wait=not no_wait)
+        pipeline.ensure(name, force=name in forced, wait=not no_wait)
 
 
 @app.command()
@@ -201,7 +202,7 @@ def demo(
     unlabelled: Annotated[int, typer.Option(min=0, help="Add this many unlabelled train clips (a source with "
                                             "labels: none): they teach the KD student through the teachers' "
                                             "targets only.")] = 0,
-    force: ForceOption = False,
+    force: ForceStagesOption = None,
 ) -> None:
     """Generate the embedded demo data and run every stage on it with configs/demo.yaml."""
     from kdpipe.demo_data import demo_config
@@ -214,9 +215,10 @@ def demo(
     resolved = out / "demo.yaml"
     resolved.write_text(config_module.dump_yaml(config_module.to_plain(config)))
     pipeline = make_pipeline(config)
+    forced = forced_stages(pipeline, force)
     times: dict[str, float | None] = {"generate the clips": time.time() - started} if written else {}
     for name in pipeline.stages:
-        times[name] = _timed(pipeline, name, force)
+        times[name] = _timed(pipeline, name, name in forced)
     evaluated = pipeline.built(stage_names.EVALUATE)
     console.out.print(evaluation_table(evaluated / "metrics.json", ("mAP",)))
     for model in json.loads((evaluated / "metrics.json").read_text())["models"]:
