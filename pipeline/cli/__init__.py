@@ -56,4 +56,4 @@ def with_force_values(argv: list[str]) -> list[str]:
             for i, arg in enumerate(argv)]
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "with_force_values"]
