@@ -117,8 +117,9 @@ class _DropBareStrings(ast.NodeTransformer):
 class FingerprintDB:
     """sha256 of files, cached by path + size + mtime in one JSON file."""
 
-    def __init__(self, db_path: Path):
+    def __init__(self, db_path: Path, remember: bool = True):
         self.db_path = db_path
+        self.remember = remember  # False: hashes found are used, never written (read-only commands)
         self._entries: dict[str, dict[str, Any]] | None = None
 
     def sha256(self, path: Path) -> str:
@@ -130,7 +131,8 @@ class FingerprintDB:
             return entry["sha256"]
         digest = sha256_file(path)
         entries[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        self._save()
+        if self.remember:
+            self._save()
         return digest
 
     def _load(self) -> dict[str, dict[str, Any]]:

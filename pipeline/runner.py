@@ -34,18 +34,20 @@ class Pipeline:
     """An ordered set of stages over one config and one cache folder; the one place that knows where every
     stage's output lives (`built`, `ensure`)."""
 
-    def __init__(self, stages: list[Stage], config: Config, ranks: Ranks = SINGLE):
+    def __init__(self, stages: list[Stage], config: Config, ranks: Ranks = SINGLE, read_only: bool = False):
+        """`read_only`: for commands that only inspect; nothing is written to the cache folder (input hashes
+        are computed, not remembered)."""
         self.stages = {stage.name: stage for stage in stages}
         self.config = config
         self.ranks = ranks
         self.cache = StageCache(config.cache_dir)
-        self.fingerprints = FingerprintDB(config.cache_dir / "fingerprints.json")
+        self.fingerprints = FingerprintDB(config.cache_dir / "fingerprints.json", remember=not read_only)
         self._components: dict[str, KeyComponents] = {}
         self._ensured: dict[str, Path] = {}
 
     def stage(self, name: str) -> Stage:
         if name not in self.stages:
-            raise KdpipeError(f"unknown stage {name!r}; stages: {', '.join(self.stages)}")
+            raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(self.stages)}")
         return self.stages[name]
 
     def components(self, name: str) -> KeyComponents:

@@ -9,7 +9,7 @@ from kdpipe.cli import app
 
 
 def test_bench_extract_prints_both_throughputs_and_the_ratio():
-    result = CliRunner().invoke(app, ["bench", "extract", "--teacher", "mn_tiny", "--clips", "8", "--naive-clips",
+    result = CliRunner().invoke(app, ["bench", "extract", "--arch", "mn_tiny", "--clips", "8", "--naive-clips",
                                       "4", "--seconds", "1", "--batch-size", "4", "--rounds", "1"])
     assert result.exit_code == 0, result.output
     match = re.search(r"ours ([\d.]+) clips/s, naive ([\d.]+) clips/s: ([\d.]+)x$", result.output.strip())
@@ -21,7 +21,7 @@ def test_bench_extract_prints_both_throughputs_and_the_ratio():
 
 
 def test_bench_extract_pairs_rounds_and_reports_the_median_ratio():
-    result = CliRunner().invoke(app, ["bench", "extract", "--teacher", "mn_tiny", "--clips", "4", "--naive-clips",
+    result = CliRunner().invoke(app, ["bench", "extract", "--arch", "mn_tiny", "--clips", "4", "--naive-clips",
                                       "2", "--seconds", "1", "--batch-size", "4", "--rounds", "2"])
     assert result.exit_code == 0, result.output
     match = re.search(r": ([\d.]+)x \(median of 2 paired rounds, ([\d.]+)-([\d.]+)\)", result.output)

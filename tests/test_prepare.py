@@ -22,7 +22,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.runner import Pipeline
 from kdpipe.waveform_store import WaveformStore
 from kdpipe.stages import build_stages
-from kdpipe.cli import app, with_force_values
+from kdpipe.cli import app, normalized_argv
 
 from helpers import invoke
 
@@ -254,7 +254,7 @@ def test_a_forced_rebuild_killed_mid_way_leaves_the_previous_output_committed_an
     assert CliRunner().invoke(app, ["prepare", *common]).exit_code == 0
     entry = next((tmp_path / "cache").glob("prepare/*/record.json")).parent
     before = _files(entry)
-    bare = CliRunner().invoke(app, with_force_values(["run", *common, "--force"]))  # as `main` reads argv
+    bare = CliRunner().invoke(app, normalized_argv(["run", *common, "--force"]))  # as `main` reads argv
     assert bare.exit_code == 2 and "needs a stage; name one or more of: prepare" in bare.output, bare.output
     process = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", "--force", "prepare", *common],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

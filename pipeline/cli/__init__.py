@@ -20,9 +20,24 @@ import typer
 from kdpipe import __version__, console
 from kdpipe.cli.common import app
 
-# Each group registers its commands on `app` when imported, in the order `--help` lists them.
+# Each group registers its commands on `app` when imported.
 for _group in ("stages", "results", "state", "info", "bench", "manifest"):
     importlib.import_module(f"kdpipe.cli.{_group}")
+
+# The help panels, in the order `kdpipe --help` shows them, and the commands (and groups) each holds.
+PANELS = {
+    "Start": ("demo", "run", "status"),
+    "Stages": ("prepare", "train-teacher", "extract-teachers", "train-student", "evaluate"),
+    "Results": ("predict", "export", "compare", "export-logits", "import-logits"),
+    "Cache": ("verify", "cache"),
+    "Inspect": ("config", "models", "manifest"),
+    "Bench": ("bench",),
+}
+_ORDER = [name for names in PANELS.values() for name in names]
+for _info in [*app.registered_commands, *app.registered_groups]:
+    _name = _info.name or _info.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
+    _info.rich_help_panel = next(panel for panel, names in PANELS.items() if _name in names)
+app.registered_commands.sort(key=lambda info: _ORDER.index(info.name or info.callback.__name__.replace("_", "-")))
 
 
 def _print_version(value: bool) -> None:
@@ -42,18 +57,27 @@ def main_options(
 
 
 def main() -> None:
-    app(args=with_force_values(sys.argv[1:]))
+    app(args=normalized_argv(sys.argv[1:]))
 
 
-def with_force_values(argv: list[str]) -> list[str]:
-    """`run` and `demo` take `--force STAGE`; a bare `--force` there becomes `--force=`, so the command says
-    which stages there are (exit 2) instead of click's "requires an argument", or taking the next option as
-    the stage."""
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    if command not in ("run", "demo"):
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def normalized_argv(argv: list[str]) -> list[str]:
+    """The command line as the app parses it: `-v`/`-q` after the command move before it (`kdpipe status -v`
+    works as `kdpipe -v status`), and on `run` and `demo`, which take `--force STAGE`, a bare `--force`
+    becomes `--force=`, so the command names the stages (exit 2) instead of click's "requires an argument"
+    or taking the next option as the stage."""
+    at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if at is None:
         return argv
-    return [("--force=" if arg == "--force" and (i + 1 == len(argv) or argv[i + 1].startswith("-")) else arg)
-            for i, arg in enumerate(argv)]
+    after = argv[at + 1:]
+    flags = [arg for arg in after if arg in GLOBAL_FLAGS]
+    after = [arg for arg in after if arg not in GLOBAL_FLAGS]
+    if argv[at] in ("run", "demo"):
+        after = [("--force=" if arg == "--force" and (i + 1 == len(after) or after[i + 1].startswith("-")) else arg)
+                 for i, arg in enumerate(after)]
+    return [*argv[:at], *flags, argv[at], *after]
 
 
-__all__ = ["app", "main", "with_force_values"]
+__all__ = ["app", "main", "normalized_argv"]

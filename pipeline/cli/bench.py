@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @bench_app.command("extract")
 @user_errors
 def bench_extract(
-    teacher: Annotated[str | None, typer.Option(help="Registry model; default passt_s_s10 on CUDA, "
+    arch: Annotated[str | None, typer.Option(metavar="NAME", help="Registry model (`kdpipe models`); default passt_s_s10 on CUDA, "
                                                 "passt_tiny on a CPU.")] = None,
     clips: Annotated[int, typer.Option(min=1, help="Clips for our path.")] = 256,
     naive_clips: Annotated[int, typer.Option(min=1, help="Clips for the naive loop (it is slow).")] = 64,
@@ -28,9 +28,9 @@ def bench_extract(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Default: 64 on CUDA, 4 on a CPU.")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Loader processes; default 4 on CUDA, 0 on "
                                                 "a CPU (they would compete with the model for cores).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="Where to run.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile our path (compile time excluded).")] = False,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on a CPU), fp32 "
+    precision: Annotated[str, typer.Option(metavar="auto|fp32|bf16", help="auto (bf16 on CUDA, fp32 on a CPU), fp32 "
                                            "or bf16.")] = "auto",
     rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds of both paths; medians are reported.")] = 3,
     views: Annotated[int, typer.Option(min=0, help="Also run each clip as this many augmented views "
@@ -44,7 +44,7 @@ def bench_extract(
         raise ConfigError(f"--precision: one of auto, fp32, bf16; got {precision!r}")
     chosen = resolve_device(device)
     cuda = chosen.type == "cuda"
-    arch = teacher or ("passt_s_s10" if cuda else "passt_tiny")
+    arch = arch or ("passt_s_s10" if cuda else "passt_tiny")
     result = run_bench(arch, clips, seconds, batch_size or (64 if cuda else 4), chosen,
                        workers if workers is not None else (4 if cuda else 0), naive_clips, compile, precision, rounds,
                        views)
@@ -59,7 +59,7 @@ def bench_loader(
     seconds: Annotated[float, typer.Option(min=0.1, help="Clip length.")] = 10.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Loader processes, the same for both loaders.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="Where to run.")] = "auto",
 ) -> None:
     """Training input: our store loader (int16 reads, features on the device) against per-item decoding."""
     from kdpipe.bench import bench_loader as run_bench
@@ -75,12 +75,12 @@ def bench_loader(
 @bench_app.command("train")
 @user_errors
 def bench_train(
-    arch: Annotated[str, typer.Option(help="Student to train.")] = "mn10",
+    arch: Annotated[str, typer.Option(metavar="NAME", help="Student to train.")] = "mn10",
     clips: Annotated[int, typer.Option(min=2, help="Clips (generated demo audio).")] = 128,
     seconds: Annotated[float, typer.Option(min=0.1, help="Clip length.")] = 10.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Loader processes.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="Where to run.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (the warm-up step "
                                           "compiles; not timed).")] = False,
 ) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -40,11 +41,78 @@ def config_show(
     set_: SetOption = None,
     stage: Annotated[str | None, typer.Option(help="Only the keys this stage depends on.")] = None,
 ) -> None:
-    """Print the resolved config (defaults < file < --set) as YAML."""
-    resolved = resolve_config(config, set_, check_files=False)
-    plain = config_module.to_plain(resolved)
+    """Print the resolved config (defaults < file < --set) as YAML, each setting at the value the run uses;
+    comments mark defaults, values resolved from another (auto, null) and unkeyed settings."""
+    from kdpipe.stage import resolved_settings
+
+    given = resolve_config(config, set_, check_files=False)
     if stage is not None:
-        plain = make_pipeline(resolved).stage(stage).parameters(resolved)
-    console.out.print(config_module.dump_yaml(plain), end="", markup=False)
-    for note in coverage_notes(resolved):  # on stderr: stdout stays valid YAML
+        plain = make_pipeline(given, inspect_only=True).stage(stage).parameters(given)
+        console.out.print(config_module.dump_yaml(plain), end="", markup=False)
+    else:
+        resolved = resolved_settings(given)
+        notes = _setting_notes(config_module.to_plain(given), config_module.to_plain(resolved),
+                               config_module.to_plain(config_module.Config()), config_module.keyed_values(resolved))
+        console.out.print("\n".join(_yaml_lines(config_module.to_plain(resolved), notes)), markup=False)
+    for note in coverage_notes(given):  # on stderr: stdout stays valid YAML
         console.info(note)
+
+
+def _setting_notes(given: dict, resolved: dict, defaults: dict, keyed: dict) -> dict[str, str]:
+    """A comment per dotted setting: `default`, `resolved from X`, `unkeyed` (never in a stage key)."""
+    notes: dict[str, str] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(child, f"{path}.{key}" if path else key)
+            return
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            for i, child in enumerate(value):
+                walk(child, f"{path}.{i}")
+            return
+        marks = []
+        before = _at(given, path)
+        if before != value:
+            marks.append(f"resolved from {json.dumps(before)}")
+        elif before == _at(defaults, path):
+            marks.append("default")
+        if _at(keyed, path) is _MISSING:
+            marks.append("unkeyed")
+        if marks:
+            notes[path] = ", ".join(marks)
+
+    walk(resolved, "")
+    return notes
+
+
+_MISSING = object()
+
+
+def _at(plain: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(plain, list):
+            plain = plain[int(part)] if part.isdigit() and int(part) < len(plain) else _MISSING
+        elif isinstance(plain, dict):
+            plain = plain.get(part, _MISSING)
+        else:
+            return _MISSING
+    return plain
+
+
+def _yaml_lines(value: dict, notes: dict[str, str], path: str = "", indent: int = 0) -> list[str]:
+    """Block YAML with a `# note` after each setting that has one (scalars in JSON spelling, which YAML reads)."""
+    lines, pad = [], " " * indent
+    for key, child in value.items():
+        dotted = f"{path}.{key}" if path else key
+        if isinstance(child, dict) and child:
+            lines += [f"{pad}{key}:", *_yaml_lines(child, notes, dotted, indent + 2)]
+        elif isinstance(child, list) and child and isinstance(child[0], dict):
+            lines.append(f"{pad}{key}:")
+            for i, item in enumerate(child):
+                entry = _yaml_lines(item, notes, f"{dotted}.{i}", indent + 4)
+                lines += [f"{pad}  - {entry[0].lstrip()}", *entry[1:]]
+        else:
+            note = f"  # {notes[dotted]}" if dotted in notes else ""
+            lines.append(f"{pad}{key}: {json.dumps(child)}{note}")
+    return lines

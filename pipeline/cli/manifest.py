@@ -11,13 +11,13 @@ from kdpipe import console
 from kdpipe.cli.common import manifest_app, user_errors
 
 
-@manifest_app.command("from-audioset")
+@manifest_app.command("from-audioset", epilog="Example: kdpipe manifest from-audioset eval_segments.csv audio/eval/ -o eval.csv --split eval")
 @user_errors
 def manifest_from_audioset(
-    segments: Annotated[Path, typer.Argument(help="Official segment CSV, e.g. eval_segments.csv.", exists=True,
+    segments: Annotated[Path, typer.Argument(metavar="SEGMENTS_CSV", help="Official segment CSV, e.g. eval_segments.csv.", exists=True,
                                              dir_okay=False)],
-    audio_dir: Annotated[Path, typer.Argument(help="Folder with the downloaded clips.", exists=True, file_okay=False)],
-    split: Annotated[str, typer.Option(help="Split name for these clips.")] = "train",
+    audio_dir: Annotated[Path, typer.Argument(metavar="AUDIO_DIR", help="Folder with the downloaded clips.", exists=True, file_okay=False)],
+    split: Annotated[str, typer.Option(metavar="NAME", help="Split name for these clips.")] = "train",
     output: Annotated[Path, typer.Option("--output", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
 ) -> None:
     """Write our CSV manifest for the clips of an AudioSet segment list found in AUDIO_DIR."""

@@ -17,21 +17,22 @@ from kdpipe.cli.common import BuildOption, ConfigOption, SetOption, app, make_pi
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.waveform_store import STORE_FILE
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="student (the run's trained student), a teacher "
+ModelOption = Annotated[str, typer.Option("--model", "-m", metavar="NAME|FILE", help="student (the run's trained student), a teacher "
                                            "of the config by name, or a checkpoint file (with --arch).")]
-ArchOption = Annotated[str | None, typer.Option(help="Registry architecture of a checkpoint file given as --model, "
+ArchOption = Annotated[str | None, typer.Option(metavar="NAME", help="Registry architecture of a checkpoint file given as --model, "
                                                  "e.g. mn10 (see `kdpipe models`).")]
 
 
 @app.command("export-logits")
 @user_errors
 def export_logits(
-    output: Annotated[Path, typer.Argument(help="Folder to write into.")],
+    output: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder to write into.")],
     config: ConfigOption = None,
     set_: SetOption = None,
-    format: Annotated[str, typer.Option(help="Only 'efficientat': <name>.npy + fname_to_index.pkl.")] = "efficientat",
-    split: Annotated[str, typer.Option(help="Clips to export (EfficientAT trains on 'train').")] = "train",
-    teacher: Annotated[str | None, typer.Option(help="One teacher instead of the ensemble.")] = None,
+    format: Annotated[str, typer.Option(metavar="efficientat", help="<name>.npy + fname_to_index.pkl, as "
+                                        "EfficientAT reads them (the only format).")] = "efficientat",
+    split: Annotated[str, typer.Option(metavar="NAME", help="Clips to export (EfficientAT trains on 'train').")] = "train",
+    teacher: Annotated[str | None, typer.Option(metavar="NAME", help="One teacher instead of the ensemble.")] = None,
     build: BuildOption = False,
 ) -> None:
     """Write the ensemble's (or one teacher's) logits the way EfficientAT's training code reads them."""
@@ -56,9 +57,9 @@ def export_logits(
 @app.command("import-logits")
 @user_errors
 def import_logits(
-    npy: Annotated[Path, typer.Argument(help="Logits .npy, e.g. passt_enemble_logits_mAP_495.npy.", exists=True,
+    npy: Annotated[Path, typer.Argument(metavar="NPY", help="Logits .npy, e.g. passt_enemble_logits_mAP_495.npy.", exists=True,
                                         dir_okay=False)],
-    index: Annotated[Path, typer.Argument(help="Its fname_to_index.pkl.", exists=True, dir_okay=False)],
+    index: Annotated[Path, typer.Argument(metavar="INDEX_PKL", help="Its fname_to_index.pkl.", exists=True, dir_okay=False)],
     config: ConfigOption = None,
     set_: SetOption = None,
     name: Annotated[str, typer.Option(help="Teacher name for the config entry.")] = "passt_ensemble",
@@ -82,10 +83,10 @@ def import_logits(
     console.out.print(config_module.dump_yaml([entry]), end="", markup=False)
 
 
-@app.command()
+@app.command(epilog="Example: kdpipe predict --config run.yaml dog.wav street.flac --top-k 5")
 @user_errors
 def predict(
-    files: Annotated[list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG, MP3, ...), any length and rate.",
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="Audio files (WAV, FLAC, OGG, MP3, ...), any length and rate.",
                                                 exists=True, dir_okay=False)],
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -117,12 +118,12 @@ def predict(
         console.info(f"per-window predictions: {windows}")
 
 
-@app.command("export")
+@app.command("export", epilog="Example: kdpipe export --config run.yaml --format onnx --out student.onnx")
 @user_errors
 def export_command(
     config: ConfigOption = None,
     set_: SetOption = None,
-    format: Annotated[str, typer.Option(help="onnx or torchscript.")] = "onnx",
+    format: Annotated[str, typer.Option(metavar="onnx|torchscript", help="Model file format.")] = "onnx",
     model: ModelOption = "student",
     arch: ArchOption = None,
     with_frontend: Annotated[bool, typer.Option("--with-frontend/--no-frontend", help="Take float32 waveforms "
@@ -150,15 +151,15 @@ def export_command(
     console.out.print(str(path))
 
 
-@app.command()
+@app.command(epilog="Example: kdpipe compare --config run.yaml --variant 'views 8: extract.views=8' --variant 'no KD: student.kd.enabled=false' --seeds 0,1,2")
 @user_errors
 def compare(
-    variant: Annotated[list[str], typer.Option("--variant", "-V", help="NAME: KEY=VALUE; KEY=VALUE (repeatable), "
+    variant: Annotated[list[str], typer.Option("--variant", metavar="NAME: KEY=VALUE", help="NAME: KEY=VALUE; KEY=VALUE (repeatable), "
                                                "e.g. 'views 8: extract.views=8'; 'NAME:' alone is the run as "
                                                "configured.")],
     config: ConfigOption = None,
     set_: SetOption = None,
-    seeds: Annotated[str, typer.Option(help="Student seeds, comma-separated.")] = "0,1,2",
+    seeds: Annotated[str, typer.Option(metavar="N,N,...", help="Student seeds, comma-separated.")] = "0,1,2",
     out: Annotated[Path, typer.Option(help="Folder for comparison.md, comparison.json and "
                                       "comparison.png.")] = Path("kdpipe-compare"),
     build: BuildOption = False,

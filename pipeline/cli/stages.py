@@ -35,7 +35,7 @@ def prepare(config: ConfigOption = None, set_: SetOption = None, force: ForceOpt
 def train_teacher(
     config: ConfigOption = None,
     set_: SetOption = None,
-    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", help="Teacher name (repeatable); "
+    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", metavar="NAME", help="Teacher name (repeatable); "
                                                        "default: every teacher without a checkpoint.")] = None,
     force: ForceOption = False,
     no_wait: NoWaitOption = False,
@@ -75,7 +75,7 @@ def train_student(
     set_: SetOption = None,
     width: Annotated[float | None, typer.Option(min=0.01, max=4.0, help="Width of a mobilenetv3 student "
                                                 "(mn04 = 0.4, mn10 = 1.0, mn20 = 2.0, mn40 = 4.0).")] = None,
-    arch: Annotated[str | None, typer.Option(help="Any registry model as the student.")] = None,
+    arch: Annotated[str | None, typer.Option(metavar="NAME", help="Any registry model as the student.")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Train the same student without KD "
                                            "(stage train-student/no-kd), the baseline KD is measured "
                                            "against.")] = False,

@@ -14,10 +14,10 @@ from kdpipe.cli.common import (ConfigOption, SetOption, app, cache_app, coverage
 from kdpipe.verify import Verdict
 
 
-@app.command()
+@app.command(epilog="Example: kdpipe verify --config run.yaml extract-teachers  (then `kdpipe run` rebuilds what was damaged)")
 @user_errors
 def verify(
-    stage: Annotated[str | None, typer.Argument(help="One stage; default: every stage of the config.")] = None,
+    stage: Annotated[str | None, typer.Argument(metavar="STAGE", help="One stage; default: every stage of the config.")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report damage without marking it.")] = False,
@@ -51,7 +51,8 @@ def status(config: ConfigOption = None, set_: SetOption = None,
                                                  "(as `kdpipe verify`) before reporting.")] = False) -> None:
     """One row per stage: fresh, stale (and what changed) or missing; then how clips reach each model."""
     from kdpipe.manifests import load_clips
-    pipeline = make_pipeline(resolve_config(config, set_))
+
+    pipeline = make_pipeline(resolve_config(config, set_), inspect_only=not verify_)
     if pipeline.config.data.sources and pipeline.status(stage_names.PREPARE).state != "fresh":
         # a malformed manifest is found here, not hours into prepare; a fresh prepare has read it (2 M rows: 70 s)
         load_clips(pipeline.config.data)
@@ -72,10 +73,14 @@ def status(config: ConfigOption = None, set_: SetOption = None,
 @user_errors
 def cache_ls(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Every cache entry: stage, key, complete or partial, size, used by the current config."""
-    pipeline = make_pipeline(resolve_config(config, set_))
+    pipeline = make_pipeline(resolve_config(config, set_), inspect_only=True)
+    entries = pipeline.cache.entries() if pipeline.cache.root.is_dir() else []
+    if not entries:
+        console.out.print(f"the cache at {pipeline.cache.root} is empty: no stage has been built there")
+        return
     referenced = set(pipeline.referenced_keys().items())
     table = Table("stage", "key", "state", "size", "built", "current")
-    for entry in pipeline.cache.entries():
+    for entry in entries:
         record = pipeline.cache.record(entry.stage, entry.key)
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["finished"])) if record else "-"
         table.add_row(entry.stage, entry.key, "complete" if entry.complete else "partial",
