@@ -16,7 +16,7 @@ Combined (`teachers.zarr`, what stage two reads):
   attribute view_plan                     the teachers' one view recipe
 A view's ensemble target is computed when it is read (`CombinedLogits.read_view`), from every teacher's
 stored view, in blocks of rows. Why views are stored per teacher as top-k, and what that costs the
-ensemble, is README's "Storage: views at AudioSet scale": a teacher's full views are 84 GB at AudioSet's
+ensemble, is docs/internals.md's "Storage: views at AudioSet scale": a teacher's full views are 84 GB at AudioSet's
 2 M clips and K = 40, its top-20 6.4 GB, and adding a teacher computes that teacher alone.
 Rows are the waveform store's rows, so no lookup by id is ever needed inside
 kdpipe; `clip_id` is there for export and for humans.

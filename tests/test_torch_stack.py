@@ -65,7 +65,7 @@ def test_lock_covers_every_dependency_and_is_what_is_installed():
     assert {name: pins[name] for name in torch_stack.TRIO} == torch_stack.required_versions()
     closure = requirement_closure()
     unlocked = sorted(closure - set(pins))
-    assert not unlocked, f"constraints.txt lacks {unlocked}: regenerate it (README, 'Installing')"
+    assert not unlocked, f"constraints.txt lacks {unlocked}: regenerate it (docs/development.md)"
     drifted = [f"{name} {metadata.version(name)} (lock: {pins[name]})" for name in sorted(closure)
                if metadata.version(name).split("+")[0] != pins[name]]
     assert not drifted, f"installed packages differ from constraints.txt: {drifted}; install with -c constraints.txt"
