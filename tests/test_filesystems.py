@@ -41,12 +41,12 @@ def test_each_mount_is_judged_by_its_type_and_lock_options():
 
 
 def test_a_cache_on_a_mount_whose_locks_stay_local_is_refused_by_name(tmp_path, monkeypatch):
-    """Before any stage runs: exit 2, the cache, the mount and what to use instead (the probe itself locks fine
+    """Before any stage runs (here prepare): exit 2, the cache, the mount and what to use instead (the probe locks fine
     here; the mount's options say other machines would not see the lock)."""
     fake = tmp_path / "mountinfo"
     fake.write_text(MOUNTINFO + f"46 25 0:56 / {tmp_path} rw shared:26 - lustre 10.0.0.2@tcp:/fs4 rw,localflock\n")
     monkeypatch.setattr(filesystems, "MOUNTINFO", fake)
-    result = CliRunner().invoke(app, ["status", f"--set=cache_dir={tmp_path / 'cache'}"])
+    result = CliRunner().invoke(app, ["prepare", f"--set=cache_dir={tmp_path / 'cache'}"])
     assert result.exit_code == 2, result.output
     assert f"{tmp_path / 'cache'} is on lustre at {tmp_path}" in result.output and "localflock" in result.output
     assert "Traceback" not in result.output
