@@ -89,8 +89,10 @@ class StageCache:
 
     def commit(self, stage: str, key: str, record: dict[str, Any]) -> None:
         """Write the record last and atomically: its presence is what 'done' means."""
-        folder = self.entry_dir(stage, key)
-        atomic.write_text(folder / RECORD, json.dumps(record, indent=2, sort_keys=True))
+        _write_record(self.entry_dir(stage, key), record)
+        self._mark_latest(stage, key)
+
+    def _mark_latest(self, stage: str, key: str) -> None:
         atomic.write_text(self.root / stage / LATEST, key + "\n")
 
     def uncommit(self, stage: str, key: str) -> None:
@@ -105,12 +107,12 @@ class StageCache:
         """Commit a forced rebuild in place of the committed entry. The old output stays committed until the
         new one is complete: the record is written in `built`, the folders swap by two renames, and the old
         one is removed last. A crash at any point leaves one committed entry (`recover`)."""
-        atomic.write_text(built / RECORD, json.dumps(record, indent=2, sort_keys=True))
+        _write_record(built, record)
         entry = self.entry_dir(stage, key)
         previous = entry.with_name(f"{key}{PREVIOUS}")
         os.rename(entry, previous)
         os.rename(built, entry)
-        atomic.write_text(self.root / stage / LATEST, key + "\n")
+        self._mark_latest(stage, key)
         shutil.rmtree(previous)
 
     def recover(self, stage: str, key: str) -> None:
@@ -230,6 +232,10 @@ class CacheEntry:
         """Bytes of the entry's files; with `alone`, only of those no other entry hard-links (a combined
         teachers.zarr links its teachers' chunks): what removing it frees now."""
         return tree_bytes(self.path, alone)
+
+
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    atomic.write_text(folder / RECORD, json.dumps(record, indent=2, sort_keys=True))
 
 
 def tree_bytes(folder: Path | str, alone: bool = False) -> int:

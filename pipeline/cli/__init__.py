@@ -34,10 +34,15 @@ PANELS = {
     "Bench": ("bench",),
 }
 _ORDER = [name for names in PANELS.values() for name in names]
+
+
+def _command_name(info: typer.models.CommandInfo | typer.models.TyperInfo) -> str:
+    return info.name or info.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
+
+
 for _info in [*app.registered_commands, *app.registered_groups]:
-    _name = _info.name or _info.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
-    _info.rich_help_panel = next(panel for panel, names in PANELS.items() if _name in names)
-app.registered_commands.sort(key=lambda info: _ORDER.index(info.name or info.callback.__name__.replace("_", "-")))
+    _info.rich_help_panel = next(panel for panel, names in PANELS.items() if _command_name(_info) in names)
+app.registered_commands.sort(key=lambda info: _ORDER.index(_command_name(info)))
 
 
 def _print_version(value: bool) -> None:
