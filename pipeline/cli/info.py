@@ -90,14 +90,11 @@ _MISSING = object()
 
 
 def _at(plain: Any, path: str) -> Any:
-    for part in path.split("."):
-        if isinstance(plain, list):
-            plain = plain[int(part)] if part.isdigit() and int(part) < len(plain) else _MISSING
-        elif isinstance(plain, dict):
-            plain = plain.get(part, _MISSING)
-        else:
-            return _MISSING
-    return plain
+    """`config.select`, with _MISSING where `plain` has no such setting (a teacher the defaults lack)."""
+    try:
+        return config_module.select(plain, path)
+    except (KeyError, IndexError, TypeError):
+        return _MISSING
 
 
 def _yaml_lines(value: dict, notes: dict[str, str], path: str = "", indent: int = 0) -> list[str]:
