@@ -38,6 +38,11 @@ class StudentGroup(nn.Module):
     def member_names(self) -> tuple[str, ...]:
         return tuple(self.students)
 
+    def update_params(self, epoch: int) -> float | None:
+        """EfficientAT's per-epoch hook, passed to the members that have it (DyMN); returns the last value."""
+        values = [student.update_params(epoch) for student in self.students.values() if hasattr(student, "update_params")]
+        return values[-1] if values else None
+
     def forward(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.stack([student(x) for student, x in zip(self.students.values(), features)], dim=1)
 

@@ -231,7 +231,8 @@ class KDConfig(_Section):
 
 class StudentConfig(TrainingConfig):
     arch: str = Field("mobilenetv3", description="registry architecture of the student")
-    width: float = Field(1.0, gt=0, le=4.0, description="width multiplier of arch mobilenetv3 (mn10 = 1.0)")
+    width: float = Field(1.0, gt=0, le=4.0, description="width multiplier of the width-free archs mobilenetv3 and dymn "
+                       "(mn10 is mobilenetv3 at 1.0, dymn04 is dymn at 0.4)")
     options: dict[str, Any] = Field(default_factory=dict, description="create_model overrides, e.g. {bn_momentum: 0.1}")
     kd: KDConfig = Field(default_factory=KDConfig)
     representations: list[Literal["mel", "mfcc", "stft"]] = Field(

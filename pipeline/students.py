@@ -16,19 +16,20 @@ from torch import nn
 
 from kdpipe import atomic, collaborative, frontends
 from kdpipe.config import StudentConfig
-from kdpipe.models import create_model, load_checkpoint
-from kdpipe.models.mobilenet import NAME_TO_WIDTH
-from kdpipe.training import MODEL
+from kdpipe.models import WIDTH_FREE, create_model, load_checkpoint
+from kdpipe.training import MODEL, at_kept_epoch
 
 DESCRIPTION = "student.json"
 
 
 def canonical_arch(arch: str, width: float) -> tuple[str, float | None]:
-    """One spelling per student network: a named MobileNet (`mn10`) is `mobilenetv3` at its width, and
-    `student.width` counts for the width-free `mobilenetv3` entry only (None: the arch has no width)."""
-    if arch in NAME_TO_WIDTH:
-        return "mobilenetv3", NAME_TO_WIDTH[arch]
-    return arch, width if arch == "mobilenetv3" else None
+    """One spelling per student network: a named preset (`mn10`, `dymn04`) is its width-free family entry
+    (`mobilenetv3`, `dymn`) at its width, and `student.width` counts for those entries only (None: the arch
+    has no width)."""
+    for family, presets in WIDTH_FREE.items():
+        if arch in presets:
+            return family, presets[arch]
+    return arch, width if arch in WIDTH_FREE else None
 
 
 def build_student(student: StudentConfig, num_classes: int, representation: str = "mel") -> nn.Module:
@@ -65,7 +66,8 @@ def keep_members(out_dir: Path, group: collaborative.StudentGroup, best_member: 
 def describe(out_dir: Path, student: StudentConfig, num_classes: int, representation: str, weights: str
              ) -> nn.Module:
     """Write `student.json` for the kept student (checking its weights load) and return that student."""
-    kept = load_checkpoint(build_student(student, num_classes, representation), out_dir / weights)
+    kept = at_kept_epoch(load_checkpoint(build_student(student, num_classes, representation), out_dir / weights),
+                         out_dir)
     atomic.write_text(out_dir / DESCRIPTION, json.dumps(
         {"arch": student.arch, "representation": representation, "frontend": kept.frontend_config,
          "weights": weights}, indent=2))
@@ -76,12 +78,12 @@ def trained_student(out_dir: Path, student: StudentConfig, num_classes: int) -> 
     """The kept student of a finished train-student output, weights loaded, `frontend_config` set."""
     description: dict[str, Any] = json.loads((out_dir / DESCRIPTION).read_text())
     model = build_student(student, num_classes, description["representation"])
-    return load_checkpoint(model, out_dir / description["weights"])
+    return at_kept_epoch(load_checkpoint(model, out_dir / description["weights"]), out_dir)
 
 
 def kept_students(out_dir: Path, student: StudentConfig, num_classes: int) -> dict[str, nn.Module]:
     """Every student a train-student output kept, by representation, weights loaded: the plain students
     of a multi-representation run (all of them with `student.keep_members: all`), else the one student."""
-    kept = {path.stem: load_checkpoint(build_student(student, num_classes, path.stem), path)
+    kept = {path.stem: at_kept_epoch(load_checkpoint(build_student(student, num_classes, path.stem), path), out_dir)
             for path in sorted((out_dir / "students").glob("*.pt"))}
     return kept or {"mel": trained_student(out_dir, student, num_classes)}

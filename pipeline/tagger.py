@@ -24,6 +24,7 @@ from kdpipe.runner import Pipeline
 from kdpipe.stage_names import PREPARE, student, train_teacher
 from kdpipe.students import trained_student
 from kdpipe.teachers import checkpoint_paths, load_teacher
+from kdpipe.training import at_kept_epoch
 from kdpipe.waveform_store import STORE_FILE, WaveformStore
 
 STUDENT = "student"
@@ -125,4 +126,4 @@ def _checkpoint_file(path: Path, arch: str | None, teachers: list[str]) -> nn.Mo
         raise ConfigError(f"--model {path}: not a model of this config ({known}) nor a checkpoint file")
     if arch is None:
         raise ConfigError(f"--model {path}: a checkpoint file needs --arch, its registry name (see `kdpipe models`)")
-    return create_model(arch, checkpoint=path)
+    return at_kept_epoch(create_model(arch, checkpoint=path), path.parent)

@@ -17,7 +17,7 @@ from torch import nn
 from kdpipe import stage_names
 from kdpipe.config import TeacherConfig
 from kdpipe.models import create_model, load_checkpoint
-from kdpipe.training import MODEL
+from kdpipe.training import MODEL, at_kept_epoch
 
 UNSEEN = "unseen_fold.npy"
 """(N,) int8 in a cross-fitted teacher's output: per store row, the fold whose model never trained on it, or -1."""
@@ -70,7 +70,7 @@ def per_row(member_logits: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
 
 def load_teacher(arch: str, checkpoints: tuple[Path, ...], options: dict) -> nn.Module:
     """A teacher's network from its checkpoint(s), strictly: one model, or CrossFitted for several."""
-    members = [create_model(arch, checkpoint=path, **options) for path in checkpoints]
+    members = [at_kept_epoch(create_model(arch, checkpoint=path, **options), path.parent) for path in checkpoints]
     return members[0] if len(members) == 1 else CrossFitted(members)
 
 

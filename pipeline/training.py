@@ -301,6 +301,8 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
             trained = distributed.wrap(model, ranks, device)
             stepped = torch.compile(trained) if settings.compile else trained
         started = time.time()
+        scheduled = getattr(model, "update_params", None)  # EfficientAT's per-epoch hook: DyMN's temperature
+        temperature = scheduled(epoch) if scheduled is not None else None
         trained.train()
         frontend.train()
         batches = distributed.shard(epoch_batches(epoch), ranks)
@@ -318,6 +320,8 @@ def fit(model: nn.Module, frontend: nn.Module, store_path: Path, epoch_batches: 
             _save_resume_state(out_dir, epoch + 1, model, optimizer, schedule, rng, best, ranks)
             continue
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1)}
+        if temperature is not None:
+            record["temperature"] = temperature
         message = f"epoch {epoch + 1}: loss {record['train_loss']:.4f}"
         if len(validation_rows):
             scores = predict(model, frontend, loader, validation_rows, settings.eval_batch_size, device,
@@ -365,6 +369,15 @@ def _keep(out_dir: Path, settings: FitSettings, best: dict, validation_name: str
     atomic.write_text(out_dir / KEPT, json.dumps(kept, indent=2))
     console.info(f"kept {reason}")
     return kept
+
+
+def at_kept_epoch(model: nn.Module, out_dir: Path) -> nn.Module:
+    """Set a model's per-epoch state (`update_params`: DyMN's temperature) to the epoch kept in `out_dir`, when
+    that is a training's output; weights from elsewhere keep what loading set (a DyMN: its schedule's end)."""
+    scheduled = getattr(model, "update_params", None)
+    if scheduled is not None and (out_dir / KEPT).is_file():
+        scheduled(read_kept(out_dir)["epoch"] - 1)
+    return model
 
 
 def read_kept(out_dir: Path) -> dict:

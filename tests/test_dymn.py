@@ -6,14 +6,18 @@ Size and layout checks build models on the meta device, so even dymn20 costs no 
 """
 
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kdpipe.models import create_model
+from kdpipe.models.complexity import count_macs
 from kdpipe.models.dymn import DYMN_NAME_TO_WIDTH, DyBlock, DyMN, DynamicConv
 from kdpipe.models.mobilenet import BlockConfig, MobileNetV3, make_divisible
+from kdpipe.training import at_kept_epoch
 
 # MobileNetV3-Large at w = 1.0: (in, kernel, expanded, out) per block, the same table as the mn family.
 LARGE_BLOCKS = [
@@ -24,7 +28,7 @@ LARGE_BLOCKS = [
 K, M = 4, 2  # kernels per dynamic conv, linear maps per DyReLU channel
 # (width, README params in M). The README's figures equal parameters plus BatchNorm running mean/var;
 # parameters alone are 1.961 / 10.548 / 39.966 M.
-SIZE_TABLE = [(0.4, 1.97), (1.0, 10.57), (2.0, 40.02)]
+SIZE_TABLE = [(0.4, 1.97, "0.12"), (1.0, 10.57, "0.58"), (2.0, 40.02, "2.2")]  # M parameters, GMACs at 10 s
 PARAMS_ONLY = {0.4: 1_961_239, 1.0: 10_548_479, 2.0: 39_966_143}
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "lambdas", "init_v")
 
@@ -94,8 +98,8 @@ def test_name_to_width_and_frontend():
             "kind": "mel", "sample_rate": 32000, "n_mels": 64, "hop_length": 320}
 
 
-@pytest.mark.parametrize(("width", "params_m"), SIZE_TABLE)
-def test_published_sizes_and_state_dict_layout(width, params_m):
+@pytest.mark.parametrize(("width", "params_m", "gmacs"), SIZE_TABLE)
+def test_published_sizes_and_state_dict_layout(width, params_m, gmacs):
     model = meta_model(width=width)
     got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     expected = expected_layout(width)
@@ -106,6 +110,18 @@ def test_published_sizes_and_state_dict_layout(width, params_m):
     running = sum(int(np.prod(s)) for k, s in expected.items() if k.endswith(("running_mean", "running_var")))
     assert round((params + running) / 1e6, 2) == params_m
     assert model.embedding_dim == 6 * make_divisible(160 * width, 8)
+    assert f"{count_macs(model, (1, 1, 128, 1000)) / 1e9:.2g}" == gmacs
+
+
+def test_temperature_of_loaded_weights(tmp_path):
+    """Fresh: the schedule's start. Loaded weights: its end (EfficientAT's pretrain_final_temp for _as weights),
+    or, for a kdpipe training's output, the temperature of the epoch it kept."""
+    assert create_model("dymn_tiny", num_classes=3).temperature == 30.0
+    torch.save(create_model("dymn_tiny", num_classes=3).state_dict(), tmp_path / "model.pt")
+    loaded = create_model("dymn_tiny", checkpoint=tmp_path / "model.pt")
+    assert loaded.temperature == 1.0
+    (tmp_path / "kept.json").write_text(json.dumps({"epoch": 5}))
+    assert at_kept_epoch(loaded, tmp_path).temperature == 26.0  # the 5th epoch ran at 30 - 4
 
 
 def test_dymn10_key_spot_checks():

@@ -8,6 +8,7 @@ from kdpipe.cli import app
 from kdpipe.errors import KdpipeError
 from kdpipe.models import create_model, list_models, load_checkpoint, read_state_dict
 from kdpipe.models.ast import AST
+from kdpipe.models.dymn import DyMN
 from kdpipe.models.mobilenet import MobileNetV3
 from kdpipe.models.passt import PaSST
 
@@ -16,14 +17,15 @@ def test_every_name_builds_the_right_family():
     names = list_models()
     assert {f"mn{n:02d}" for n in (1, 2, 4, 5, 6, 8, 10, 12, 14, 16, 20, 30, 40)} <= set(names)
     assert {"passt_s_s10", "passt_s_s16", "ast_10_10", "ast_16_16", "passt_tiny", "ast_tiny", "mn_tiny",
-            "mobilenetv3"} <= set(names)
+            "mobilenetv3", "dymn04", "dymn10", "dymn20", "dymn", "dymn_tiny"} <= set(names)
     with torch.device("meta"):
         for name in names:
             model = create_model(name)
-            family = MobileNetV3 if name.startswith("m") else PaSST if name.startswith("passt") else AST
+            family = {"m": MobileNetV3, "d": DyMN, "p": PaSST, "a": AST}[name[0]]
             assert isinstance(model, family), name
             assert {"kind", "sample_rate", "n_mels"} <= set(model.frontend_config)
     assert create_model("mobilenetv3", width=2.5).width == 2.5
+    assert create_model("dymn", width=0.6).width == 0.6
 
 
 def test_unknown_name_suggests_close_ones():

@@ -22,6 +22,7 @@ from torch import nn
 
 from kdpipe.errors import KdpipeError
 from kdpipe.models.ast import AST, AST_CONFIGS, infer_ast_config, strip_module_prefix
+from kdpipe.models.dymn import DYMN_NAME_TO_WIDTH, DyMN
 from kdpipe.models.mobilenet import NAME_TO_WIDTH, MobileNetV3
 from kdpipe.models.passt import PASST_CONFIGS, PaSST, infer_passt_config
 
@@ -30,6 +31,9 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     **{name: partial(MobileNetV3, width=width) for name, width in NAME_TO_WIDTH.items()},
     "mobilenetv3": MobileNetV3,
     "mn_tiny": partial(MobileNetV3, width=0.1),
+    **{name: partial(DyMN, width=width) for name, width in DYMN_NAME_TO_WIDTH.items()},
+    "dymn": DyMN,
+    "dymn_tiny": partial(DyMN, width=0.1),
     **{name: partial(PaSST, **config) for name, config in PASST_CONFIGS.items()},
     **{name: partial(AST, **config) for name, config in AST_CONFIGS.items()},
 }
@@ -40,7 +44,11 @@ _INFER: dict[type, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, Any]
     AST: lambda state, model: infer_ast_config(state, input_fdim=model.frontend_config["n_mels"],
                                                input_tdim=model.frontend_config["target_frames"]),
     MobileNetV3: lambda state, model: {"num_classes": _mobilenet_classes(state)},
+    DyMN: lambda state, model: {"num_classes": _mobilenet_classes(state)},
 }
+
+WIDTH_FREE = {"mobilenetv3": NAME_TO_WIDTH, "dymn": DYMN_NAME_TO_WIDTH}
+"""The registry entries that take any `width`, and their named presets (mn10 is mobilenetv3 at 1.0)."""
 
 
 def _mobilenet_classes(state: dict[str, torch.Tensor]) -> int:
@@ -85,6 +93,8 @@ def create_model(name: str, checkpoint: Path | None = None, **overrides: Any) ->
         inferred.update(overrides)
         model = _FACTORIES[name](**inferred)
     _load_strict(model, state, checkpoint)
+    if isinstance(model, DyMN):
+        model.set_temperature(model.schedule["t_min"])  # trained weights run where their schedule ended
     return model
 
 
@@ -134,8 +144,10 @@ def _mismatch_message(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
 
 def _likely_cause(model: nn.Module, state: dict[str, torch.Tensor], misshaped: list[str]) -> str:
     head = [k for k in misshaped if k.startswith(("classifier", "head", "mlp_head"))]
-    if isinstance(model, MobileNetV3) and "features.0.0.weight" in state:
-        last = state.get(f"features.{len(model.features) - 1}.0.weight")
+    last_conv = {MobileNetV3: lambda: f"features.{len(model.features) - 1}.0.weight",
+                 DyMN: lambda: "out_c.0.weight"}.get(type(model))
+    if last_conv is not None:
+        last = state.get(last_conv())
         if last is not None and last.shape[0] != model.embedding_dim:
             return (f"a different width: the checkpoint's last conv has {last.shape[0]} channels "
                     f"(width {last.shape[0] / 960:g}), the model {model.embedding_dim} (width {model.width:g})")

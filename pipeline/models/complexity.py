@@ -7,6 +7,9 @@ What `count_macs` counts, per forward pass of one input of `input_shape`:
 - every ``nn.Conv1d/2d/3d``: output elements x (in_channels / groups) x kernel volume;
 - every ``nn.Linear``: output elements x in_features (so a Linear applied per token
   counts once per token);
+- every DyMN ``DynamicConv`` as the static conv it runs per clip (its kernel mix and
+  attention Linear are counted as products and Linears); this reproduces the DyMN
+  table's 0.12 / 0.58 / 2.2 GMACs;
 - with ``count_matmul=True``, tensor products called outside those modules, as in
   transformer attention: ``torch.matmul`` / ``@`` / ``torch.bmm`` (output elements x
   inner dim), ``F.scaled_dot_product_attention`` (both products, QK^T and AV) and
@@ -29,9 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from kdpipe.models.dymn import DynamicConv
+
 
 def _conv_macs(module: nn.modules.conv._ConvNd, output: torch.Tensor) -> int:
     return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+
+def _dynamic_conv_macs(module: DynamicConv, output: torch.Tensor) -> int:
+    return output.numel() * (module.c_in // module.groups) * module.kernel**2
 
 
 def _linear_macs(module: nn.Linear, output: torch.Tensor) -> int:
@@ -101,13 +110,15 @@ def count_macs(
         nonlocal total
         if isinstance(module, nn.modules.conv._ConvNd):
             total += _conv_macs(module, output)
+        elif isinstance(module, DynamicConv):
+            total += _dynamic_conv_macs(module, output)
         else:
             total += _linear_macs(module, output)
 
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, DynamicConv))
     ]
     was_training = model.training
     model.eval()
