@@ -234,6 +234,10 @@ class StudentConfig(TrainingConfig):
     width: float = Field(1.0, gt=0, le=4.0, description="width multiplier of the width-free archs mobilenetv3 and dymn "
                        "(mn10 is mobilenetv3 at 1.0, dymn04 is dymn at 0.4)")
     options: dict[str, Any] = Field(default_factory=dict, description="create_model overrides, e.g. {bn_momentum: 0.1}")
+    init: Path | None = Field(None, description="starting weights instead of random ones: an EfficientAT checkpoint "
+                              "(mn*_im.pt from ImageNet, mn*_as.pt, dymn*_as.pt) or a kdpipe train-student output "
+                              "(its folder or a .pt); the body loads strictly, a head of other classes starts afresh. "
+                              "The file's content is keyed, not its path")
     kd: KDConfig = Field(default_factory=KDConfig)
     representations: list[Literal["mel", "mfcc", "stft"]] = Field(
         default_factory=list, description="train one student per representation together, with mutual KD "
@@ -399,6 +403,8 @@ def check_input_files(config: Config) -> None:
             problems.append(f"data.sources.{i}.audio_dir: no such folder: {source.audio_dir}")
     if config.data.class_list is not None and not config.data.class_list.is_file():
         problems.append(f"data.class_list: no such file: {config.data.class_list}")
+    if config.student.init is not None and not config.student.init.exists():
+        problems.append(f"student.init: no such file or folder: {config.student.init}")
     for i, teacher in enumerate(config.teachers):
         for key in ("checkpoint", "init", "logits", "logits_index"):
             path = getattr(teacher, key)

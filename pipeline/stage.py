@@ -71,7 +71,7 @@ def resolved_settings(config: Config) -> Config:
 
     Every spelling of one run then has one key: `student.seed` unset and set to `seed`; a teacher's
     `name` unset and set to its arch; `student.arch: mn10` and `mobilenetv3` at width 1.0 (and
-    `student.width`, which only `mobilenetv3` reads, at its default for every other arch);
+    `student.width`, which only `mobilenetv3` and `dymn` read, at its default for every other arch);
     `student.kd.views` unset and what it defaults to (extract.views > 0);
     `precision: auto` and the precision it means on `device` (kdpipe.devices); a relative path
     and the absolute one (relative paths are relative to the working directory).

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdpipe import atomic, collaborative, frontends
+from kdpipe import atomic, collaborative, console, frontends
 from kdpipe.config import StudentConfig
-from kdpipe.models import WIDTH_FREE, create_model, load_checkpoint
+from kdpipe.errors import KdpipeError
+from kdpipe.models import WIDTH_FREE, create_model, load_checkpoint, load_for_finetuning
 from kdpipe.training import MODEL, at_kept_epoch
 
 DESCRIPTION = "student.json"
@@ -43,6 +44,32 @@ def build_student(student: StudentConfig, num_classes: int, representation: str 
     if representation != "mel":
         model.frontend_config = frontends.representation_config(model.frontend_config, representation)
     return model
+
+
+def init_weights(path: Path) -> Path:
+    """`student.init` as one weights file: a file as given; a train-student output folder: the student it kept."""
+    if not path.is_dir():
+        return path
+    if (path / DESCRIPTION).is_file():
+        return path / json.loads((path / DESCRIPTION).read_text())["weights"]
+    if (path / MODEL).is_file():
+        return path / MODEL
+    raise KdpipeError(f"student.init: {path} is a folder without {DESCRIPTION} or {MODEL}: give a training's "
+                      "output folder or a weights file")
+
+
+def start_from(model: nn.Module, init: Path | None, key: str = "student.init") -> dict[str, Any]:
+    """Load `init` into every network of `model` (a student, a teacher, or each member of a group) for training,
+    saying which head layers start afresh; the record the stage keeps of it ({} without init)."""
+    if init is None:
+        return {}
+    weights = init_weights(init)
+    members = model.students.values() if isinstance(model, collaborative.StudentGroup) else [model]
+    fresh = [load_for_finetuning(member, weights) for member in members][0]
+    if fresh:
+        console.info(f"{key}: {weights}: re-initialised {', '.join(fresh)} (the head of other classes); "
+                     "everything else loaded from the file")
+    return {"init": {"weights": str(weights), "reinitialised": fresh}}
 
 
 def build_group(student: StudentConfig, num_classes: int, sample_rate: int

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdpipe import stage_names
 from kdpipe.config import TeacherConfig
-from kdpipe.models import create_model, load_checkpoint
+from kdpipe.models import create_model
 from kdpipe.training import MODEL, at_kept_epoch
 
 UNSEEN = "unseen_fold.npy"
@@ -75,8 +75,5 @@ def load_teacher(arch: str, checkpoints: tuple[Path, ...], options: dict) -> nn.
 
 
 def build_teacher(teacher: TeacherConfig, num_classes: int) -> nn.Module:
-    """The teacher's architecture with the run's class count, started from `init` when given."""
-    model = create_model(teacher.arch, **{"num_classes": num_classes, **teacher.options})
-    if teacher.init is not None:
-        load_checkpoint(model, teacher.init)
-    return model
+    """The teacher's architecture with the run's class count (train-teacher starts it from `init`)."""
+    return create_model(teacher.arch, **{"num_classes": num_classes, **teacher.options})

@@ -1,8 +1,10 @@
 """Stage two: `train-student` trains a student against the stored teacher targets (EfficientAT's recipe);
 `train-student/no-kd` trains the same student on the labels alone, the baseline KD is measured against.
 
-Inputs: the waveform store and, with KD, the ensemble logits of extract-teachers.
-Parameters: `student` (its `kd` settings only with KD), `data.validation_fraction`, `seed`.
+Inputs: the waveform store, with KD the ensemble logits of extract-teachers, and the content of
+`student.init` when given (the student starts from those weights; a head of other classes starts
+afresh, kdpipe.students.start_from). Parameters: `student` (its `kd` settings only with KD; not
+`init`'s path, whose content is the input), `data.validation_fraction`, `seed`.
 Outputs: `model.pt` (the kept epoch, by `student.keep`), `kept.json` (which epoch and why),
 `last.pt`, `metrics.jsonl` (kdpipe.training), and `student.json`, which says how to rebuild
 the kept student (kdpipe.students reads it). In multi-representation mode `model.pt` /
@@ -54,6 +56,7 @@ def run_for(kd: bool):
         else:
             model = students.build_student(student, n_classes)
             frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
+        started = students.start_from(model, student.init)
         loss_fn, targets, heard = training.label_loss, None, None
         if kd:
             combined = CombinedLogits.in_folder(ctx.upstream[stage_names.ENSEMBLE])
@@ -76,7 +79,7 @@ def run_for(kd: bool):
             representation = validation["best_member"] if validation else model.member_names[0]
             weights = students.keep_members(ctx.out_dir, model, representation, student.keep_members)
         student_model = students.describe(ctx.out_dir, student, n_classes, representation, weights)
-        return {"arch": student.arch, "kd": kd, "representation": representation, **kept,
+        return {"arch": student.arch, "kd": kd, "representation": representation, **started, **kept,
                 "parameters": sum(p.numel() for p in student_model.parameters())}
 
     return run
@@ -89,11 +92,12 @@ def stage(kd: bool) -> Stage:
         command="train-student" if kd else "train-student --baseline",
         params=("data.validation_fraction", "seed"),
         param_values=lambda config: {"student": {key: value for key, value in keyed_values(config.student).items()
-                                                 if kd or key != "kd"}},
+                                                 if (kd or key != "kd") and key != "init"}},
         outputs=(*training.OUTPUTS, students.DESCRIPTION),
         run=run_for(kd),
         code=(sys.modules[__name__],),
         upstream=(stage_names.PREPARE, stage_names.ENSEMBLE) if kd else (stage_names.PREPARE,),
+        inputs=lambda config: {"init": students.init_weights(config.student.init)} if config.student.init else {},
         resumable=True,
     )
 

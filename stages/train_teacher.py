@@ -1,7 +1,8 @@
 """Stage `train-teacher/<name>`: train or fine-tune one teacher on the prepared store, labels only.
 
 One stage per teacher entry without a `checkpoint`. Inputs: the prepare
-stage's store and the optional `init` weights. Parameters: the teacher's entry,
+stage's store and the optional `init` weights (the body loads strictly; a head of
+other classes starts afresh, kdpipe.students.start_from). Parameters: the teacher's entry,
 `teacher_training`, `data.validation_fraction` and `seed`. Outputs: `model.pt`
 (the kept epoch, by `teacher_training.keep`: a plain state dict that
 `load_checkpoint` and extract-teachers read), `kept.json` (which epoch and why),
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe import atomic, devices, frontends, splits, stage_names, training
+from kdpipe import atomic, devices, frontends, splits, stage_names, students, training
 from kdpipe.config import Config, TeacherConfig, keyed_values
 from kdpipe.stage import Stage, StageContext
 from kdpipe.teachers import UNSEEN, build_teacher, fold_dir
@@ -67,11 +68,12 @@ def train_one(teacher: TeacherConfig, config: Config, store: WaveformStore, rows
     settings = config.teacher_training
     torch.manual_seed(seed)  # the initial weights too: a rerun trains the same teacher
     model = build_teacher(teacher, len(store.classes))
+    started = students.start_from(model, teacher.init, f"teachers.{teacher.label}.init")
     frontend = frontends.build_frontend(model.frontend_config, store.sample_rate)
     fit_settings = training.FitSettings.from_config(settings, config.evaluation.batch_size, seed)
     kept = training.fit(model, frontend, store.path, training.epoch_plan(store, rows.train, settings, seed),
                         rows, training.label_loss, fit_settings, out_dir, devices.resolve_device(config.device))
-    return {"arch": teacher.arch, **kept, "parameters": sum(p.numel() for p in model.parameters())}
+    return {"arch": teacher.arch, **started, **kept, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from kdpipe.cli import app
 from kdpipe.errors import KdpipeError
-from kdpipe.models import create_model, list_models, load_checkpoint, read_state_dict
+from kdpipe.models import create_model, list_models, load_checkpoint, load_for_finetuning, read_state_dict
 from kdpipe.models.ast import AST
 from kdpipe.models.dymn import DyMN
 from kdpipe.models.mobilenet import MobileNetV3
@@ -98,3 +98,35 @@ def test_models_command_prints_published_figures():
     line = next(row for row in result.output.splitlines() if "│ mn10 " in row)
     assert "4.877 M" in line and "0.541 G" in line
     assert "passt_s_s10" in result.output and "ast_10_10" in result.output
+
+
+def test_imagenet_weights_start_an_audioset_student(tmp_path):
+    """An mn10_im-shaped file (EfficientAT's keys, 1,000 ImageNet classes): the head's last layer starts afresh,
+    everything else loads strictly and equals the file."""
+    torch.manual_seed(1)
+    imagenet = create_model("mn10", num_classes=1000).state_dict()
+    torch.save(imagenet, tmp_path / "mn10_im.pt")
+    torch.manual_seed(2)
+    student = create_model("mn10", num_classes=527)
+    fresh_head = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("classifier.5.")}
+    assert load_for_finetuning(student, tmp_path / "mn10_im.pt") == ["classifier.5"]
+    for key, value in student.state_dict().items():
+        expected = fresh_head[key] if key in fresh_head else imagenet[key]
+        assert torch.equal(value, expected), key
+    same_classes = create_model("mn10", num_classes=1000)
+    assert load_for_finetuning(same_classes, tmp_path / "mn10_im.pt") == []  # nothing to start afresh
+    assert all(torch.equal(value, imagenet[key]) for key, value in same_classes.state_dict().items())
+
+
+def test_finetuning_restarts_only_heads(tmp_path):
+    torch.save(create_model("passt_tiny", num_classes=5).state_dict(), tmp_path / "passt.pt")
+    assert load_for_finetuning(create_model("passt_tiny", num_classes=3), tmp_path / "passt.pt") == [
+        "head.1", "head_dist"]
+    torch.save(create_model("dymn_tiny", num_classes=1000).state_dict(), tmp_path / "dymn_im.pt")
+    assert load_for_finetuning(create_model("dymn_tiny", num_classes=10), tmp_path / "dymn_im.pt") == ["classifier.5"]
+    # A body that differs is never started afresh: the strict load's error, with its likely cause.
+    with pytest.raises(KdpipeError, match="another architecture: its keys start with layers, in_c, out_c, classifier"):
+        load_for_finetuning(create_model("mobilenetv3", width=0.2, num_classes=3), tmp_path / "dymn_im.pt")
+    torch.save(create_model("mn_tiny", num_classes=7).state_dict(), tmp_path / "mn.pt")
+    with pytest.raises(KdpipeError, match="a different width"):
+        load_for_finetuning(create_model("mobilenetv3", width=0.2, num_classes=3), tmp_path / "mn.pt")

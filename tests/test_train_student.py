@@ -1,6 +1,7 @@
 """Stage two: the KD loss, the student stage, its caching and exact resume."""
 
 import json
+import shutil
 from types import SimpleNamespace
 from functools import partial
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from kdpipe import training
+from kdpipe import students, training
 from kdpipe.cli import app
 from kdpipe.collaborative import StudentGroup, collaborative_loss, mutual_term
 from kdpipe.distributed import shard
@@ -153,9 +154,10 @@ def test_no_kd_baseline_needs_no_teachers(small_demo, prepared, tmp_path):
     assert result.exit_code == 0 and "train-student/no-kd: cached" in result.output
 
 
-@pytest.mark.parametrize(("teacher", "student"), [("mn_tiny", "passt_tiny"), ("ast_tiny", "mn_tiny")])
+@pytest.mark.parametrize(("teacher", "student"), [("dymn_tiny", "passt_tiny"), ("ast_tiny", "dymn_tiny")])
 def test_cmkd_in_both_directions(small_demo, prepared, tmp_path, teacher, student):
-    """CNN -> transformer and transformer -> CNN: any registry model learns from any teacher's logits."""
+    """CNN -> transformer and transformer -> CNN: any registry model learns from any teacher's logits
+    (DyMN as the CNN both times: trained as a teacher, and as a KD student)."""
     helpers.copy_cache(prepared, tmp_path)
     pipeline = make(small_demo, tmp_path, f"teachers.0.arch={teacher}", f"student.arch={student}")
     out = pipeline.ensure("train-student")
@@ -163,6 +165,48 @@ def test_cmkd_in_both_directions(small_demo, prepared, tmp_path, teacher, studen
     assert record["summary"]["arch"] == student and record["summary"]["kd"] is True
     assert pipeline.stage("train-student").upstream == ("prepare", "extract-teachers")
     load_checkpoint(create_model(student, num_classes=12), out / "model.pt")
+    if student.startswith("dymn"):  # EfficientAT's temperature schedule ran, one value per epoch
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [line["temperature"] for line in lines] == [30.0, 29.0]
+        assert trained_student(out, pipeline.config.student, 12).temperature == 29.0  # the kept epoch's
+
+
+def test_finetuning_starts_from_init_weights_and_keys_their_content(small_demo, prepared, tmp_path):
+    """A labels-only run (no teachers) from ImageNet-shaped weights: the 1,000-class head starts afresh, the body
+    starts from the file, and the stage key follows the file's content, not its path."""
+    helpers.copy_cache(prepared, tmp_path)
+    torch.manual_seed(1)
+    imagenet = create_model("mobilenetv3", width=0.2, num_classes=1000).state_dict()
+    torch.save(imagenet, tmp_path / "mn02_im.pt")
+    items = [item for item in settings(small_demo, tmp_path, "student.kd.enabled=false", "student.epochs=1",
+                                       "student.lr=1e-9", f"student.init={tmp_path / 'mn02_im.pt'}")
+             if not item.startswith(("teachers.", "teacher_training."))]
+    result = CliRunner().invoke(app, ["train-student", "--baseline", *[f"--set={item}" for item in items]])
+    assert result.exit_code == 0, result.output
+    assert "re-initialised classifier.5 (the head of other classes)" in result.output
+    config = load_config(None, items)
+    pipeline = Pipeline(build_stages(config), config)
+    name = "train-student/no-kd"
+    key = pipeline.key(name)
+    summary = pipeline.cache.record(name, key)["summary"]
+    assert summary["init"] == {"weights": str(tmp_path / "mn02_im.pt"), "reinitialised": ["classifier.5"]}
+    trained = torch.load(pipeline.output(name, False) / "model.pt", weights_only=True)
+    for conv in ("features.0.0.weight", "features.5.block.1.0.weight", "classifier.2.weight"):  # lr 1e-9: unmoved
+        torch.testing.assert_close(trained[conv], imagenet[conv], atol=1e-6, rtol=0)
+    assert trained["classifier.5.weight"].shape == (12, 256)
+
+    def key_with(init):
+        moved = load_config(None, [*items, f"student.init={init}"])
+        return Pipeline(build_stages(moved), moved).key(name)
+
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "mn02_im.pt", tmp_path / "elsewhere" / "copy.pt")
+    assert key_with(tmp_path / "elsewhere" / "copy.pt") == key  # same content, another path
+    imagenet["features.0.0.weight"][0, 0, 0, 0] += 1
+    torch.save(imagenet, tmp_path / "elsewhere" / "copy.pt")
+    assert key_with(tmp_path / "elsewhere" / "copy.pt") != key
+    assert key_with(pipeline.output(name, False)) != key  # a kdpipe output folder: the student it kept
+    assert students.init_weights(pipeline.output(name, False)) == pipeline.output(name, False) / "model.pt"
 
 
 def test_shard_gives_each_rank_every_world_th_batch():

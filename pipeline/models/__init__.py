@@ -3,6 +3,8 @@
 `create_model(name, **overrides)` builds any registered model as a plain
 `nn.Module` whose state-dict keys match the published checkpoints;
 `load_checkpoint(model, path)` loads one strictly and explains a mismatch;
+`load_for_finetuning(model, path)` starts a training from a checkpoint of another task (ImageNet's
+1,000 classes, AudioSet's 527): the body strictly, a head that does not fit afresh;
 `create_model(name, checkpoint=path)` reads the input geometry (stride, time
 length) of transformer checkpoints from their positional embeddings instead of
 trusting the file name.
@@ -46,6 +48,10 @@ _INFER: dict[type, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, Any]
     MobileNetV3: lambda state, model: {"num_classes": _mobilenet_classes(state)},
     DyMN: lambda state, model: {"num_classes": _mobilenet_classes(state)},
 }
+
+HEADS: dict[type, tuple[str, ...]] = {
+    MobileNetV3: ("classifier.",), DyMN: ("classifier.",), PaSST: ("head.", "head_dist."), AST: ("mlp_head.",)}
+"""State-dict prefixes of each family's classification head: what fine-tuning may start afresh."""
 
 WIDTH_FREE = {"mobilenetv3": NAME_TO_WIDTH, "dymn": DYMN_NAME_TO_WIDTH}
 """The registry entries that take any `width`, and their named presets (mn10 is mobilenetv3 at 1.0)."""
@@ -119,6 +125,24 @@ def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def load_for_finetuning(model: nn.Module, path: Path) -> list[str]:
+    """Load `path` into `model` as the start of a training on other classes: every body key strictly; head keys
+    (`HEADS`) that the file lacks, has extra or shapes differently (1,000 ImageNet classes, another class count,
+    another head type) keep the model's fresh init. Returns the names of those fresh layers; any mismatch
+    outside the head is the strict load's error."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    differs = (expected.keys() ^ state.keys()) | {
+        key for key in expected.keys() & state.keys() if expected[key].shape != state[key].shape}
+    head = HEADS.get(type(model), ())
+    if not differs or not head or not all(key.startswith(head) for key in differs):
+        _load_strict(model, state, path)
+        return []
+    kept = {key: value for key, value in state.items() if key not in differs}
+    _load_strict(model, {**kept, **{key: expected[key] for key in differs if key in expected}}, path)
+    return sorted({key.rsplit(".", 1)[0] for key in differs if key in expected})
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -138,11 +162,15 @@ def _mismatch_message(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
             lines.append(f"  {len(keys)} {title} key(s): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
     for key in misshaped[:6]:
         lines.append(f"  {key}: checkpoint {tuple(state[key].shape)}, model {tuple(expected[key].shape)}")
-    lines.append(f"  likely cause: {_likely_cause(model, state, misshaped)}")
+    lines.append(f"  likely cause: {_likely_cause(model, state, missing, misshaped)}")
     return "\n".join(lines)
 
 
-def _likely_cause(model: nn.Module, state: dict[str, torch.Tensor], misshaped: list[str]) -> str:
+def _likely_cause(model: nn.Module, state: dict[str, torch.Tensor], missing: list[str], misshaped: list[str]
+                  ) -> str:
+    if len(missing) > len(model.state_dict()) / 2:
+        return (f"a checkpoint of another architecture: its keys start with {_top_level(state)}, "
+                f"{type(model).__name__}'s with {_top_level(model.state_dict())}")
     head = [k for k in misshaped if k.startswith(("classifier", "head", "mlp_head"))]
     last_conv = {MobileNetV3: lambda: f"features.{len(model.features) - 1}.0.weight",
                  DyMN: lambda: "out_c.0.weight"}.get(type(model))
@@ -161,3 +189,7 @@ def _likely_cause(model: nn.Module, state: dict[str, torch.Tensor], misshaped: l
     if head and len(head) == len(misshaped):
         return "a different number of classes (pass num_classes=...)"
     return "a checkpoint of another architecture or head type"
+
+
+def _top_level(state: dict[str, torch.Tensor]) -> str:
+    return ", ".join(dict.fromkeys(key.split(".")[0] for key in state))
