@@ -18,6 +18,9 @@ from kdpipe.demo_data import DemoDataset
 from kdpipe.runner import Pipeline
 from kdpipe.stages import build_stages
 
+ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: its configs/ are the shipped configs."""
+
 # The student run: one mn_tiny teacher and a width-0.2 student, small enough for many tests.
 STUDENT_RUN = ("teachers.0.arch=mn_tiny", "teacher_training.epochs=1", "teacher_training.batch_size=4",
                "teacher_training.num_workers=0", "extract.num_workers=0", "student.arch=mobilenetv3",

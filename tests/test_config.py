@@ -76,10 +76,11 @@ def test_list_entries_can_be_overridden_by_index(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    for name in ("demo.yaml", "audioset.yaml"):
+    for name in ("demo.yaml", "audioset.yaml", "finetune.yaml"):
         config = load_config(CONFIGS / name, check_files=False)
         assert config.data.sources
-    assert load_config(CONFIGS / "audioset.yaml", check_files=False).student.lr == 8e-4
+    audioset = load_config(CONFIGS / "audioset.yaml", check_files=False)
+    assert audioset.student.lr == 8e-4 and audioset.student.init.name == "mn10_im.pt"  # EfficientAT's recipe
 
 
 def test_cli_config_error_exits_2_without_traceback():

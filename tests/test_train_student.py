@@ -172,19 +172,21 @@ def test_cmkd_in_both_directions(small_demo, prepared, tmp_path, teacher, studen
 
 
 def test_finetuning_starts_from_init_weights_and_keys_their_content(small_demo, prepared, tmp_path):
-    """A labels-only run (no teachers) from ImageNet-shaped weights: the 1,000-class head starts afresh, the body
+    """configs/finetune.yaml's command, from ImageNet-shaped weights: the 1,000-class head starts afresh, the body
     starts from the file, and the stage key follows the file's content, not its path."""
     helpers.copy_cache(prepared, tmp_path)
     torch.manual_seed(1)
     imagenet = create_model("mobilenetv3", width=0.2, num_classes=1000).state_dict()
     torch.save(imagenet, tmp_path / "mn02_im.pt")
-    items = [item for item in settings(small_demo, tmp_path, "student.kd.enabled=false", "student.epochs=1",
-                                       "student.lr=1e-9", f"student.init={tmp_path / 'mn02_im.pt'}")
+    items = [item for item in settings(small_demo, tmp_path, "student.epochs=1", "student.lr=1e-9")
              if not item.startswith(("teachers.", "teacher_training."))]
-    result = CliRunner().invoke(app, ["train-student", "--baseline", *[f"--set={item}" for item in items]])
+    finetune = helpers.ROOT / "configs" / "finetune.yaml"
+    result = CliRunner().invoke(app, ["train-student", "--config", str(finetune), "--init", str(tmp_path / "mn02_im.pt"),
+                                      *[f"--set={item}" for item in items]])
     assert result.exit_code == 0, result.output
     assert "re-initialised classifier.5 (the head of other classes)" in result.output
-    config = load_config(None, items)
+    items.append(f"student.init={tmp_path / 'mn02_im.pt'}")
+    config = load_config(finetune, items)
     pipeline = Pipeline(build_stages(config), config)
     name = "train-student/no-kd"
     key = pipeline.key(name)
@@ -196,7 +198,7 @@ def test_finetuning_starts_from_init_weights_and_keys_their_content(small_demo, 
     assert trained["classifier.5.weight"].shape == (12, 256)
 
     def key_with(init):
-        moved = load_config(None, [*items, f"student.init={init}"])
+        moved = load_config(finetune, [*items, f"student.init={init}"])
         return Pipeline(build_stages(moved), moved).key(name)
 
     (tmp_path / "elsewhere").mkdir()

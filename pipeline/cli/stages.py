@@ -73,9 +73,12 @@ def extract_teachers(config: ConfigOption = None, set_: SetOption = None, force:
 def train_student(
     config: ConfigOption = None,
     set_: SetOption = None,
-    width: Annotated[float | None, typer.Option(min=0.01, max=4.0, help="Width of a mobilenetv3 student "
+    width: Annotated[float | None, typer.Option(min=0.01, max=4.0, help="Width of a mobilenetv3 or dymn student "
                                                 "(mn04 = 0.4, mn10 = 1.0, mn20 = 2.0, mn40 = 4.0).")] = None,
     arch: Annotated[str | None, typer.Option(metavar="NAME", help="Any registry model as the student.")] = None,
+    init: Annotated[Path | None, typer.Option(metavar="PATH", help="Start from these weights (student.init): an "
+                                              "EfficientAT mn*_im/_as or dymn*_as file, or a train-student output "
+                                              "folder; a head of other classes starts afresh.")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Train the same student without KD "
                                            "(stage train-student/no-kd), the baseline KD is measured "
                                            "against.")] = False,
@@ -102,7 +105,8 @@ def train_student(
         nodes = distributed.Nodes(nnodes, node_rank, rdzv_endpoint or "", join_timeout)
         distributed.launch(gpus, without_option(sys.argv[1:], "--gpus"), nodes)
         return
-    flags = {"student.width": width, "student.arch": arch, "evaluation.baseline": True if baseline else None}
+    flags = {"student.width": width, "student.arch": arch, "student.init": init,
+             "evaluation.baseline": True if baseline else None}
     resolved = resolve_config(config, set_, flags)
     name = stage_names.student(resolved.student.kd.enabled and not baseline)
     if not distributed.under_torchrun():
