@@ -70,7 +70,7 @@ SHAPING_EDITS = {
     "kdpipe.training": ("epochs=settings.epochs,", "epochs=settings.epochs + 0,", ("train-student", "train-teacher")),
     "kdpipe.distill": ("return config.student.kd.enabled and resolved_kd_views(config)",
                        "return bool(config.student.kd.enabled) and resolved_kd_views(config)", ("train-student",)),
-    "kdpipe.students": ('return "mobilenetv3", NAME_TO_WIDTH[arch]', 'return "mobilenetv3", 1.0 * NAME_TO_WIDTH[arch]',
+    "kdpipe.students": ('return family, presets[arch]', 'return family, 1.0 * presets[arch]',
                         ("train-student",)),
     "kdpipe.view_plan": ("return cls(extract.views, extract.view_seed,", "return cls(extract.views + 0, extract.view_seed,",
                          ("train-student", "extract/")),
